@@ -1,0 +1,14 @@
+//! Emulated USB host controllers and the USB core they share.
+//!
+//! Layering (see `docs/design.md`): [`usb`] (device trait, transfers,
+//! descriptors) <- controllers ([`xhci`]) and emulated devices
+//! ([`storage`]); [`pci`] models the PCI function every controller is
+//! exposed as; [`mem`] is the only path to guest memory. Nothing here knows
+//! the hypervisor.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod mem;
+pub mod usb;
+
+pub use mem::{DmaError, GuestRam};

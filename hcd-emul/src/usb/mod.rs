@@ -1,0 +1,162 @@
+//! The USB core shared by every controller and every device backend
+//! (USB 2.0 chapters 5 and 9, USB 3.2 chapter 9).
+//!
+//! Controllers turn the guest's schedules into [`Transfer`]s and hand them to
+//! a [`UsbDevice`]; the device completes each one — at once or later, from any
+//! thread — through the transfer itself, which posts a [`TransferResult`] to
+//! the controller's [`CompletionQueue`]. Controllers never know what kind of
+//! device they talk to; devices never know the controller.
+
+pub mod descriptor;
+mod transfer;
+
+pub use transfer::{
+    CompletionQueue, IsoPacket, Transfer, TransferHandle, TransferId, TransferKind, TransferResult,
+    TransferStatus,
+};
+
+/// Bus speed of a device (USB 3.2 table 10-? / xHCI PSI defaults).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Speed {
+    /// 1.5 Mb/s.
+    Low,
+    /// 12 Mb/s.
+    Full,
+    /// 480 Mb/s.
+    High,
+    /// 5 Gb/s.
+    Super,
+}
+
+impl Speed {
+    /// Whether the device belongs on a USB 3 (SuperSpeed) root port.
+    pub fn is_superspeed(self) -> bool {
+        matches!(self, Speed::Super)
+    }
+}
+
+/// Direction of a data transfer, seen from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Direction {
+    /// Host to device.
+    Out,
+    /// Device to host.
+    In,
+}
+
+/// The eight-byte SETUP packet of a control transfer (USB 2.0 §9.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SetupPacket {
+    /// bmRequestType: bit 7 direction, bits 6..5 type, bits 4..0 recipient.
+    pub request_type: u8,
+    /// bRequest.
+    pub request: u8,
+    /// wValue.
+    pub value: u16,
+    /// wIndex.
+    pub index: u16,
+    /// wLength: the most bytes the data stage may carry.
+    pub length: u16,
+}
+
+impl SetupPacket {
+    /// Decodes the packet from its wire form.
+    pub fn from_bytes(b: [u8; 8]) -> Self {
+        Self {
+            request_type: b[0],
+            request: b[1],
+            value: u16::from_le_bytes([b[2], b[3]]),
+            index: u16::from_le_bytes([b[4], b[5]]),
+            length: u16::from_le_bytes([b[6], b[7]]),
+        }
+    }
+
+    /// Decodes the packet from the 64-bit immediate field of an xHCI Setup TRB.
+    pub fn from_u64(v: u64) -> Self {
+        Self::from_bytes(v.to_le_bytes())
+    }
+
+    /// The wire form.
+    pub fn to_bytes(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[0] = self.request_type;
+        b[1] = self.request;
+        b[2..4].copy_from_slice(&self.value.to_le_bytes());
+        b[4..6].copy_from_slice(&self.index.to_le_bytes());
+        b[6..8].copy_from_slice(&self.length.to_le_bytes());
+        b
+    }
+
+    /// Direction of the data stage.
+    pub fn direction(self) -> Direction {
+        if self.request_type & 0x80 != 0 {
+            Direction::In
+        } else {
+            Direction::Out
+        }
+    }
+}
+
+/// A USB device as a controller sees it: emulated devices and host
+/// passthrough backends both implement this.
+///
+/// Asynchronous by contract: [`UsbDevice::submit`] hands the transfer over
+/// and returns; the device completes it with [`Transfer::complete`] now or
+/// later, from any thread. Transfers submitted on one endpoint must be
+/// completed in submission order (controllers also enforce the order they
+/// report in). A transfer that is dropped without completion completes as
+/// [`TransferStatus::DeviceGone`], so nothing can hang on a lost transfer.
+pub trait UsbDevice: Send + std::fmt::Debug {
+    /// Short human name for logs ("storage stick.img", "host 1-2").
+    fn name(&self) -> String;
+
+    /// Bus speed; decides USB 2 or USB 3 root port.
+    fn speed(&self) -> Speed;
+
+    /// Bus reset (port reset): back to the default state, address 0,
+    /// unconfigured. Transfers still in flight are completed as cancelled.
+    fn reset(&mut self);
+
+    /// Queues a transfer. `xfer.endpoint()` is the endpoint number (0-15),
+    /// `xfer.direction()` the data direction (for control transfers, that of
+    /// the data stage).
+    fn submit(&mut self, xfer: Transfer);
+
+    /// Asks the device to abandon transfer `id`. The controller has already
+    /// stopped the transfer from touching guest memory (see
+    /// [`TransferHandle::cancel`]); this only lets the device drop its own
+    /// work (a passthrough backend discards the host URB).
+    fn cancel(&mut self, id: TransferId);
+}
+
+/// USB 2.0 standard request codes (table 9-4).
+pub mod request {
+    /// GET_STATUS.
+    pub const GET_STATUS: u8 = 0;
+    /// CLEAR_FEATURE.
+    pub const CLEAR_FEATURE: u8 = 1;
+    /// SET_FEATURE.
+    pub const SET_FEATURE: u8 = 3;
+    /// SET_ADDRESS.
+    pub const SET_ADDRESS: u8 = 5;
+    /// GET_DESCRIPTOR.
+    pub const GET_DESCRIPTOR: u8 = 6;
+    /// SET_DESCRIPTOR.
+    pub const SET_DESCRIPTOR: u8 = 7;
+    /// GET_CONFIGURATION.
+    pub const GET_CONFIGURATION: u8 = 8;
+    /// SET_CONFIGURATION.
+    pub const SET_CONFIGURATION: u8 = 9;
+    /// GET_INTERFACE.
+    pub const GET_INTERFACE: u8 = 10;
+    /// SET_INTERFACE.
+    pub const SET_INTERFACE: u8 = 11;
+    /// SET_SEL (USB 3).
+    pub const SET_SEL: u8 = 48;
+    /// SET_ISOCH_DELAY (USB 3).
+    pub const SET_ISOCH_DELAY: u8 = 49;
+    /// Feature selector ENDPOINT_HALT.
+    pub const FEATURE_ENDPOINT_HALT: u16 = 0;
+}
