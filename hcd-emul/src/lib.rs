@@ -8,7 +8,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[macro_use]
+pub mod ratelimit;
 pub mod mem;
 pub mod usb;
 
 pub use mem::{DmaError, GuestRam};
+pub mod pci;
+pub mod xhci;

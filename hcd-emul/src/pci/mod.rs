@@ -139,4 +139,9 @@ pub trait PciController: Send + std::fmt::Debug {
     /// COMMAND.Bus Master Enable changed; while off the controller must not
     /// DMA.
     fn set_bus_master(&mut self, _enabled: bool) {}
+    /// When [`PciController::process`] next has timed work (interrupt
+    /// moderation, frame timers), if ever.
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        None
+    }
 }

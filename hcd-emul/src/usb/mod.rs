@@ -8,7 +8,7 @@
 //! device they talk to; devices never know the controller.
 
 pub mod descriptor;
-mod transfer;
+pub mod transfer;
 
 pub use transfer::{
     CompletionQueue, IsoPacket, Transfer, TransferHandle, TransferId, TransferKind, TransferResult,

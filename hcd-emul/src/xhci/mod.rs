@@ -1,0 +1,639 @@
+//! xHCI host controller (eXtensible Host Controller Interface 1.2).
+//!
+//! One file per spec block: [`regs`] (chapter 5 register layout), [`trb`]
+//! (§6.4), [`ring`] (§4.9 ring walking), [`interrupter`] (§4.17 and event
+//! rings), [`context`] (§6.2), `port` (§4.19 root hub), `command` (§4.6) and
+//! `transfer` (§4.10-4.11). The controller is a plain state machine: register
+//! accesses and [`crate::pci::PciController::process`] are its only inputs,
+//! guest memory ([`GuestRam`]) and an [`IrqSink`] its only outputs.
+//!
+//! Guest misbehaviour ends the way a real xHC would end it — an error
+//! completion code, a halted endpoint, or Host System Error with the
+//! controller halted — and every guest-controlled loop is capped (see
+//! [`limits`]).
+
+pub mod context;
+pub mod interrupter;
+pub mod regs;
+pub mod ring;
+pub mod trb;
+
+mod command;
+mod port;
+mod transfer;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use crate::mem::GuestRam;
+use crate::pci::{BarInfo, BarKind, IrqSink, MsixLayout, PciController, PciIdentity};
+use crate::usb::{CompletionQueue, TransferHandle, TransferId, TransferResult, UsbDevice};
+use context::EpState;
+use interrupter::{EventError, Interrupter};
+use regs::*;
+use ring::RingPos;
+use trb::Trb;
+
+/// Caps on every loop the guest controls.
+pub mod limits {
+    /// Commands processed per doorbell write (QEMU: 256).
+    pub const COMMANDS_PER_DOORBELL: usize = 256;
+    /// TRBs in one TD (Linux uses far fewer: a 1 MiB transfer needs ~20).
+    pub const TRBS_PER_TD: usize = 1024;
+    /// TDs in flight per endpoint.
+    pub const TDS_IN_FLIGHT: usize = 64;
+    /// TRBs examined per doorbell on one endpoint (No Ops, Event Data...).
+    pub const TRBS_PER_KICK: usize = 8192;
+}
+
+/// Why a device could not be attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// No free root port of the device's kind.
+    #[error("no free root port for this device")]
+    NoFreePort,
+    /// The port number does not exist or does not fit the device's speed.
+    #[error("root port {0} does not exist or does not fit the device")]
+    BadPort(usize),
+}
+
+#[derive(Debug)]
+struct Port {
+    usb3: bool,
+    portsc: u32,
+    pmsc: u32,
+    device: Option<Box<dyn UsbDevice>>,
+}
+
+/// A TD handed to a device and not yet reported to the guest.
+#[derive(Debug)]
+struct InFlight {
+    id: TransferId,
+    handle: Option<TransferHandle>,
+    /// TRBs of the TD with their addresses, in ring order.
+    trbs: Vec<(u64, Trb)>,
+    /// Ring position of the first TRB (for rewinding on stop/halt).
+    start: RingPos,
+    result: Option<TransferResult>,
+}
+
+#[derive(Debug, Default)]
+struct Endpoint {
+    state: EpState,
+    ep_type: u32,
+    max_packet: u32,
+    ring: RingPos,
+    inflight: VecDeque<InFlight>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    enabled: bool,
+    state: u32,
+    port: usize,
+    ctx_addr: u64,
+    intr: usize,
+    eps: Vec<Endpoint>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            enabled: false,
+            state: 0,
+            port: 0,
+            ctx_addr: 0,
+            intr: 0,
+            eps: (0..32).map(|_| Endpoint::default()).collect(),
+        }
+    }
+}
+
+/// The xHCI controller.
+#[derive(Debug)]
+pub struct Xhci {
+    ram: GuestRam,
+    queue: CompletionQueue,
+    usbcmd: u32,
+    usbsts: u32,
+    dnctrl: u32,
+    crcr: u64,
+    cmd_ring: RingPos,
+    cmd_running: bool,
+    dcbaap: u64,
+    config: u32,
+    intrs: Vec<Interrupter>,
+    ports: Vec<Port>,
+    /// Index 0 unused; slot IDs are 1-based.
+    slots: Vec<Slot>,
+    inflight: HashMap<TransferId, (usize, usize)>,
+    next_id: u64,
+    bus_master: bool,
+    run_start: Instant,
+}
+
+impl Xhci {
+    /// A controller in power-on state with DMA through `ram`.
+    pub fn new(ram: GuestRam) -> Self {
+        let ports = (0..MAX_PORTS)
+            .map(|i| Port {
+                usb3: i >= USB2_PORTS,
+                portsc: 0,
+                pmsc: 0,
+                device: None,
+            })
+            .collect();
+        let mut x = Xhci {
+            ram,
+            queue: CompletionQueue::new(),
+            usbcmd: 0,
+            usbsts: USBSTS_HCH,
+            dnctrl: 0,
+            crcr: 0,
+            cmd_ring: RingPos::default(),
+            cmd_running: false,
+            dcbaap: 0,
+            config: 0,
+            intrs: vec![Interrupter::default(); MAX_INTRS],
+            ports,
+            slots: (0..=MAX_SLOTS).map(|_| Slot::new()).collect(),
+            inflight: HashMap::new(),
+            next_id: 1,
+            bus_master: true,
+            run_start: Instant::now(),
+        };
+        x.hc_reset();
+        x
+    }
+
+    /// The queue devices post completions to; transports install a waker.
+    pub fn completion_queue(&self) -> &CompletionQueue {
+        &self.queue
+    }
+
+    /// Guest memory handle.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Transfers handed to devices and not yet reported (for leak checks).
+    pub fn transfers_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Whether the controller is halted (USBSTS.HCH).
+    pub fn halted(&self) -> bool {
+        self.usbsts & USBSTS_HCH != 0
+    }
+
+    /// USBSTS as the guest would read it.
+    pub fn usbsts(&self) -> u32 {
+        self.usbsts
+    }
+
+    fn running(&self) -> bool {
+        self.usbcmd & USBCMD_RS != 0 && self.usbsts & USBSTS_HCH == 0
+    }
+
+    /// HCRST: everything but attached devices back to power-on state.
+    fn hc_reset(&mut self) {
+        for s in 1..=MAX_SLOTS {
+            self.drop_slot_transfers(s);
+            self.slots[s] = Slot::new();
+        }
+        self.inflight.clear();
+        self.usbcmd = 0;
+        self.usbsts = USBSTS_HCH;
+        self.dnctrl = 0;
+        self.crcr = 0;
+        self.cmd_ring = RingPos::default();
+        self.cmd_running = false;
+        self.dcbaap = 0;
+        self.config = 0;
+        for i in &mut self.intrs {
+            i.reset();
+        }
+        for p in 0..MAX_PORTS {
+            if let Some(d) = self.ports[p].device.as_mut() {
+                d.reset();
+            }
+            self.ports[p].pmsc = 0;
+            self.port_update(p + 1, false);
+        }
+        // Completions of cancelled transfers may still be queued.
+        self.queue.drain();
+    }
+
+    /// Host System Error: halt and wait for a reset (§4.10.2.6).
+    fn host_system_error(&mut self, why: &str) {
+        guest_warn!(target: "xhci", "host system error: {why}");
+        self.usbsts |= USBSTS_HSE | USBSTS_HCH;
+        self.usbcmd &= !USBCMD_RS;
+        self.cmd_running = false;
+    }
+
+    /// Posts an event on interrupter `intr`.
+    fn event(&mut self, intr: usize, trb: Trb, block_interrupt: bool) {
+        let intr = if intr < MAX_INTRS { intr } else { 0 };
+        match self.intrs[intr].write_event(&self.ram, trb) {
+            Ok(()) => {
+                if !block_interrupt {
+                    self.intrs[intr].owe_interrupt();
+                }
+            }
+            Err(EventError::Invalid) => {
+                self.host_system_error("event ring segment table invalid or unmapped")
+            }
+            Err(e) => guest_warn!(target: "xhci", "interrupter {intr}: event lost: {e}"),
+        }
+    }
+
+    fn flush_interrupts(&mut self, irq: &mut dyn IrqSink) {
+        let now = Instant::now();
+        let inte = self.usbcmd & USBCMD_INTE != 0;
+        for i in 0..MAX_INTRS {
+            if self.intrs[i].due(now) == Some(true) {
+                self.usbsts |= USBSTS_EINT;
+                if inte && self.intrs[i].iman & IMAN_IE != 0 && irq.pulse(i as u16) {
+                    self.intrs[i].iman &= !IMAN_IP;
+                }
+            }
+            irq.set_level(i as u16, inte && self.intrs[i].level());
+        }
+    }
+
+
+    /// Plugs `dev` into the first free root port of its kind; returns the
+    /// port number (1-based).
+    pub fn attach(&mut self, dev: Box<dyn UsbDevice>) -> Result<usize, AttachError> {
+        let usb3 = dev.speed().is_superspeed();
+        let p = self
+            .ports
+            .iter()
+            .position(|p| p.usb3 == usb3 && p.device.is_none())
+            .ok_or(AttachError::NoFreePort)?;
+        self.attach_at(p + 1, dev)?;
+        Ok(p + 1)
+    }
+
+    /// Plugs `dev` into root port `port` (1-based).
+    pub fn attach_at(&mut self, port: usize, dev: Box<dyn UsbDevice>) -> Result<(), AttachError> {
+        let usb3 = dev.speed().is_superspeed();
+        match self.ports.get(port.wrapping_sub(1)) {
+            Some(p) if p.usb3 == usb3 && p.device.is_none() => {}
+            _ => return Err(AttachError::BadPort(port)),
+        }
+        self.ports[port - 1].device = Some(dev);
+        self.port_update(port, true);
+        Ok(())
+    }
+
+    /// Unplugs the device on `port`, returning it.
+    pub fn detach(&mut self, port: usize) -> Option<Box<dyn UsbDevice>> {
+        let idx = port.checked_sub(1)?;
+        self.ports.get(idx)?;
+        for s in 1..=MAX_SLOTS {
+            if self.slots[s].enabled && self.slots[s].port == port {
+                self.fail_slot_transfers(s);
+            }
+        }
+        let dev = self.ports[idx].device.take();
+        self.port_update(port, true);
+        dev
+    }
+
+    fn alloc_id(&mut self) -> TransferId {
+        let id = TransferId(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    fn read_cap(&self, off: u64) -> u32 {
+        match off {
+            0x00 => CAP_LENGTH as u32 | (HCI_VERSION << 16),
+            0x04 => MAX_SLOTS as u32 | ((MAX_INTRS as u32) << 8) | ((MAX_PORTS as u32) << 24),
+            0x08 => (ERST_MAX_LOG2 << 4) | ((SCRATCHPAD_BUFS & 0x1f) << 27) | 1,
+            0x0c => 0,
+            // AC64, 32-byte contexts, no streams, xECP at dword 8 (0x20).
+            0x10 => 1 | (8 << 16),
+            0x14 => DOORBELL_OFFSET as u32,
+            0x18 => RUNTIME_OFFSET as u32,
+            0x1c => 0,
+            // Supported Protocol capability, USB 2.0 (§7.2).
+            0x20 => 0x0200_0402,
+            0x24 => 0x2042_5355, // "USB "
+            0x28 => 1 | ((USB2_PORTS as u32) << 8),
+            0x2c => 0,
+            // Supported Protocol capability, USB 3.0, last in the list.
+            0x30 => 0x0300_0002,
+            0x34 => 0x2042_5355,
+            0x38 => (USB2_PORTS as u32 + 1) | ((USB3_PORTS as u32) << 8),
+            _ => 0,
+        }
+    }
+
+    fn read_op(&self, off: u64) -> u32 {
+        match off {
+            OP_USBCMD => self.usbcmd,
+            OP_USBSTS => self.usbsts,
+            OP_PAGESIZE => 1,
+            OP_DNCTRL => self.dnctrl,
+            OP_CRCR => {
+                if self.cmd_running {
+                    CRCR_CRR as u32
+                } else {
+                    0
+                }
+            }
+            0x1c => 0,
+            OP_DCBAAP => self.dcbaap as u32,
+            0x34 => (self.dcbaap >> 32) as u32,
+            OP_CONFIG => self.config,
+            o if o >= OP_PORTS && o < OP_PORTS + 0x10 * MAX_PORTS as u64 => {
+                let p = ((o - OP_PORTS) / 0x10) as usize;
+                match (o - OP_PORTS) % 0x10 {
+                    0 => self.ports[p].portsc,
+                    4 => self.ports[p].pmsc,
+                    _ => 0,
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    fn write_op(&mut self, off: u64, val: u32) {
+        match off {
+            OP_USBCMD => self.write_usbcmd(val),
+            OP_USBSTS => self.usbsts &= !(val & USBSTS_W1C),
+            OP_DNCTRL => self.dnctrl = val & 0xffff,
+            OP_CRCR => {
+                if self.cmd_running {
+                    if u64::from(val) & (CRCR_CS | CRCR_CA) != 0 {
+                        self.stop_command_ring();
+                    }
+                } else {
+                    self.crcr = (self.crcr & !0xffff_ffff) | u64::from(val & !0x3e);
+                    self.cmd_ring = RingPos::new(self.crcr & !0x3f, self.crcr & CRCR_RCS != 0);
+                }
+            }
+            0x1c => {
+                if !self.cmd_running {
+                    self.crcr = (self.crcr & 0xffff_ffff) | (u64::from(val) << 32);
+                    self.cmd_ring = RingPos::new(self.crcr & !0x3f, self.crcr & CRCR_RCS != 0);
+                }
+            }
+            OP_DCBAAP => self.dcbaap = (self.dcbaap & !0xffff_ffff) | u64::from(val & !0x3f),
+            0x34 => self.dcbaap = (self.dcbaap & 0xffff_ffff) | (u64::from(val) << 32),
+            OP_CONFIG => self.config = (val & 0xff).min(MAX_SLOTS as u32) | (val & 0x300),
+            o if o >= OP_PORTS && o < OP_PORTS + 0x10 * MAX_PORTS as u64 => {
+                let p = ((o - OP_PORTS) / 0x10) as usize;
+                match (o - OP_PORTS) % 0x10 {
+                    0 => self.write_portsc(p + 1, val),
+                    4 => self.ports[p].pmsc = val,
+                    _ => {}
+                }
+            }
+            _ => guest_warn!(target: "xhci", "write {val:#x} to read-only operational register {off:#x} ignored"),
+        }
+    }
+
+    fn write_usbcmd(&mut self, val: u32) {
+        if val & USBCMD_HCRST != 0 {
+            self.hc_reset();
+            return;
+        }
+        let old = self.usbcmd;
+        // CSS/CRS complete at once; LHCRST is not supported (LHRC = 0).
+        self.usbcmd = val & USBCMD_MASK & !(USBCMD_CSS | USBCMD_CRS | USBCMD_LHCRST);
+        if old & USBCMD_RS == 0 && val & USBCMD_RS != 0 {
+            if self.usbsts & USBSTS_HSE != 0 {
+                // Only a reset recovers from Host System Error.
+                self.usbcmd &= !USBCMD_RS;
+                return;
+            }
+            self.usbsts &= !USBSTS_HCH;
+            self.run_start = Instant::now();
+        } else if old & USBCMD_RS != 0 && val & USBCMD_RS == 0 {
+            self.usbsts |= USBSTS_HCH;
+            self.cmd_running = false;
+        }
+    }
+
+    fn read_runtime(&self, off: u64) -> u32 {
+        if off == 0 {
+            if !self.running() {
+                return 0;
+            }
+            let us = self.run_start.elapsed().as_micros();
+            return ((us / 125) & 0x3fff) as u32;
+        }
+        if off < RT_IR0 {
+            return 0;
+        }
+        let i = ((off - RT_IR0) / RT_IR_STRIDE) as usize;
+        let Some(ir) = self.intrs.get(i) else { return 0 };
+        match (off - RT_IR0) % RT_IR_STRIDE {
+            0x00 => ir.iman,
+            0x04 => ir.imod,
+            0x08 => ir.erstsz,
+            0x10 => ir.erstba as u32,
+            0x14 => (ir.erstba >> 32) as u32,
+            0x18 => ir.erdp as u32,
+            0x1c => (ir.erdp >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write_runtime(&mut self, off: u64, val: u32) {
+        if off < RT_IR0 {
+            guest_warn!(target: "xhci", "write to read-only MFINDEX ignored");
+            return;
+        }
+        let i = ((off - RT_IR0) / RT_IR_STRIDE) as usize;
+        let Some(ir) = self.intrs.get_mut(i) else { return };
+        let v = u64::from(val);
+        match (off - RT_IR0) % RT_IR_STRIDE {
+            0x00 => {
+                ir.iman = (ir.iman & !(val & IMAN_IP)) & !IMAN_IE | (val & IMAN_IE);
+            }
+            0x04 => ir.imod = val,
+            0x08 => {
+                ir.erstsz = val & 0xffff;
+                ir.invalidate();
+            }
+            0x10 => {
+                ir.erstba = (ir.erstba & !0xffff_ffff) | (v & !0x3f);
+                ir.invalidate();
+            }
+            0x14 => {
+                ir.erstba = (ir.erstba & 0xffff_ffff) | (v << 32);
+                ir.invalidate();
+            }
+            0x18 => {
+                let new = (ir.erdp & !0xffff_ffff) | (v & !ERDP_EHB);
+                ir.set_erdp(new, v & ERDP_EHB != 0);
+            }
+            0x1c => {
+                let new = (ir.erdp & 0xffff_ffff) | (v << 32);
+                ir.set_erdp(new & !ERDP_EHB, false);
+            }
+            _ => {}
+        }
+    }
+
+    fn write_doorbell(&mut self, index: usize, val: u32) {
+        if !self.running() || !self.bus_master {
+            return;
+        }
+        if index == 0 {
+            if val & 0xff == 0 {
+                self.cmd_running = true;
+                self.process_commands();
+            }
+            return;
+        }
+        let target = (val & 0xff) as usize;
+        if index > MAX_SLOTS || !(1..=31).contains(&target) {
+            guest_warn!(target: "xhci", "doorbell {index} target {target} out of range");
+            return;
+        }
+        if val >> 16 != 0 {
+            guest_warn!(target: "xhci", "stream ID on doorbell but streams are not supported");
+        }
+        self.kick_endpoint(index, target);
+    }
+
+    fn read32(&self, off: u64) -> u32 {
+        if off < CAP_LENGTH {
+            self.read_cap(off)
+        } else if off < RUNTIME_OFFSET {
+            self.read_op(off - CAP_LENGTH)
+        } else if off < DOORBELL_OFFSET {
+            self.read_runtime(off - RUNTIME_OFFSET)
+        } else {
+            // Doorbells read as 0.
+            0
+        }
+    }
+
+    fn write32(&mut self, off: u64, val: u32) {
+        if off < CAP_LENGTH {
+            guest_warn!(target: "xhci", "write {val:#x} to capability register {off:#x} ignored");
+        } else if off < RUNTIME_OFFSET {
+            self.write_op(off - CAP_LENGTH, val);
+        } else if off < DOORBELL_OFFSET {
+            self.write_runtime(off - RUNTIME_OFFSET, val);
+        } else if off < DOORBELL_OFFSET + 4 * (MAX_SLOTS as u64 + 1) {
+            self.write_doorbell(((off - DOORBELL_OFFSET) / 4) as usize, val);
+        }
+    }
+
+    /// Applies every completion devices have posted, in order per endpoint.
+    fn process_completions(&mut self) {
+        for r in self.queue.drain() {
+            let Some(&(s, e)) = self.inflight.get(&r.id) else {
+                continue; // cancelled meanwhile
+            };
+            if let Some(t) = self.slots[s].eps[e].inflight.iter_mut().find(|t| t.id == r.id) {
+                t.result = Some(r);
+            }
+            self.retire(s, e);
+        }
+    }
+}
+
+impl PciController for Xhci {
+    fn identity(&self) -> PciIdentity {
+        PciIdentity {
+            // Red Hat, Inc. / QEMU-style xHCI ids are recognised by every
+            // guest driver; the class code is what drivers bind on.
+            vendor_id: 0x1b36,
+            device_id: 0x000d,
+            class_code: 0x0c0330,
+            revision: 1,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 0x1100,
+        }
+    }
+
+    fn bars(&self) -> Vec<BarInfo> {
+        vec![BarInfo {
+            index: 0,
+            size: BAR0_SIZE,
+            kind: BarKind::Memory64,
+        }]
+    }
+
+    fn msix(&self) -> Option<MsixLayout> {
+        Some(MsixLayout {
+            vectors: MAX_INTRS as u16,
+            bar: 0,
+            table_offset: MSIX_TABLE_OFFSET,
+            pba_offset: MSIX_PBA_OFFSET,
+        })
+    }
+
+    fn msi_vectors(&self) -> u16 {
+        MAX_INTRS as u16
+    }
+
+    fn vendor_config(&self) -> Vec<(u8, u8, u8)> {
+        // SBRN = USB 3.0, FLADJ = 0x20 (§5.2.3, §5.2.4).
+        vec![(0x60, 0x30, 0x00), (0x61, 0x20, 0x3f)]
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8], irq: &mut dyn IrqSink) {
+        data.fill(0);
+        if bar != 0 || offset >= BAR0_SIZE {
+            return;
+        }
+        let aligned = offset & !3;
+        let mut v = u64::from(self.read32(aligned));
+        if data.len() == 8 || (offset & 3) + data.len() as u64 > 4 {
+            v |= u64::from(self.read32(aligned + 4)) << 32;
+        }
+        let bytes = (v >> ((offset & 3) * 8)).to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+        self.flush_interrupts(irq);
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8], irq: &mut dyn IrqSink) {
+        if bar != 0 || offset >= BAR0_SIZE {
+            return;
+        }
+        match (data.len(), offset & 3) {
+            (4, 0) => {
+                let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                self.write32(offset, v);
+            }
+            (8, 0) => {
+                let lo = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                let hi = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+                self.write32(offset, lo);
+                self.write32(offset + 4, hi);
+            }
+            _ => guest_warn!(target: "xhci", "unsupported {}-byte write at {offset:#x} ignored", data.len()),
+        }
+        self.process_completions();
+        self.flush_interrupts(irq);
+    }
+
+    fn reset(&mut self, irq: &mut dyn IrqSink) {
+        self.hc_reset();
+        self.flush_interrupts(irq);
+    }
+
+    fn process(&mut self, irq: &mut dyn IrqSink) {
+        self.process_completions();
+        self.flush_interrupts(irq);
+    }
+
+    fn set_bus_master(&mut self, enabled: bool) {
+        self.bus_master = enabled;
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.intrs.iter().filter_map(|i| i.deadline()).min()
+    }
+}
