@@ -254,7 +254,11 @@ mod tests {
     }
 
     fn ev(n: u64) -> Trb {
-        Trb { parameter: n, status: 0, control: ty::PORT_STATUS_CHANGE << 10 }
+        Trb {
+            parameter: n,
+            status: 0,
+            control: ty::PORT_STATUS_CHANGE << 10,
+        }
     }
 
     #[test]

@@ -262,7 +262,6 @@ impl Xhci {
         }
     }
 
-
     /// Plugs `dev` into the first free root port of its kind; returns the
     /// port number (1-based).
     pub fn attach(&mut self, dev: Box<dyn UsbDevice>) -> Result<usize, AttachError> {
@@ -393,7 +392,9 @@ impl Xhci {
                     _ => {}
                 }
             }
-            _ => guest_warn!(target: "xhci", "write {val:#x} to read-only operational register {off:#x} ignored"),
+            _ => {
+                guest_warn!(target: "xhci", "write {val:#x} to read-only operational register {off:#x} ignored")
+            }
         }
     }
 
@@ -431,7 +432,9 @@ impl Xhci {
             return 0;
         }
         let i = ((off - RT_IR0) / RT_IR_STRIDE) as usize;
-        let Some(ir) = self.intrs.get(i) else { return 0 };
+        let Some(ir) = self.intrs.get(i) else {
+            return 0;
+        };
         match (off - RT_IR0) % RT_IR_STRIDE {
             0x00 => ir.iman,
             0x04 => ir.imod,
@@ -450,7 +453,9 @@ impl Xhci {
             return;
         }
         let i = ((off - RT_IR0) / RT_IR_STRIDE) as usize;
-        let Some(ir) = self.intrs.get_mut(i) else { return };
+        let Some(ir) = self.intrs.get_mut(i) else {
+            return;
+        };
         let v = u64::from(val);
         match (off - RT_IR0) % RT_IR_STRIDE {
             0x00 => {
@@ -534,7 +539,11 @@ impl Xhci {
             let Some(&(s, e)) = self.inflight.get(&r.id) else {
                 continue; // cancelled meanwhile
             };
-            if let Some(t) = self.slots[s].eps[e].inflight.iter_mut().find(|t| t.id == r.id) {
+            if let Some(t) = self.slots[s].eps[e]
+                .inflight
+                .iter_mut()
+                .find(|t| t.id == r.id)
+            {
                 t.result = Some(r);
             }
             self.retire(s, e);
@@ -613,7 +622,9 @@ impl PciController for Xhci {
                 self.write32(offset, lo);
                 self.write32(offset + 4, hi);
             }
-            _ => guest_warn!(target: "xhci", "unsupported {}-byte write at {offset:#x} ignored", data.len()),
+            _ => {
+                guest_warn!(target: "xhci", "unsupported {}-byte write at {offset:#x} ignored", data.len())
+            }
         }
         self.process_completions();
         self.flush_interrupts(irq);

@@ -13,7 +13,9 @@ impl Xhci {
     /// Recomputes a port after connect/disconnect/reset of the controller.
     /// `notify` posts the change event (not during HCRST).
     pub(super) fn port_update(&mut self, port: usize, notify: bool) {
-        let Some(p) = self.ports.get_mut(port - 1) else { return };
+        let Some(p) = self.ports.get_mut(port - 1) else {
+            return;
+        };
         let old = p.portsc;
         let keep = p.portsc & (PORTSC_WAKE_MASK | (3 << PORTSC_PIC_SHIFT));
         let mut sc = PORTSC_PP | keep;

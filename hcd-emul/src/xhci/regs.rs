@@ -147,13 +147,8 @@ pub const PORTSC_DR: u32 = 1 << 30;
 /// Warm Port Reset (RW1S, USB 3).
 pub const PORTSC_WPR: u32 = 1 << 31;
 /// All change bits (RW1C).
-pub const PORTSC_CHANGE_MASK: u32 = PORTSC_CSC
-    | PORTSC_PEC
-    | PORTSC_WRC
-    | PORTSC_OCC
-    | PORTSC_PRC
-    | PORTSC_PLC
-    | PORTSC_CEC;
+pub const PORTSC_CHANGE_MASK: u32 =
+    PORTSC_CSC | PORTSC_PEC | PORTSC_WRC | PORTSC_OCC | PORTSC_PRC | PORTSC_PLC | PORTSC_CEC;
 
 /// Port link states, §5.4.8 table 5-27.
 pub mod pls {

@@ -84,8 +84,24 @@ mod tests {
     #[test]
     fn follows_link_with_toggle() {
         let ram = GuestRam::anonymous(0x10000);
-        put(&ram, 0x1000, Trb { parameter: 7, status: 0, control: (ty::NORMAL << 10) | 1 });
-        put(&ram, 0x1010, Trb { parameter: 0x1000, status: 0, control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1 });
+        put(
+            &ram,
+            0x1000,
+            Trb {
+                parameter: 7,
+                status: 0,
+                control: (ty::NORMAL << 10) | 1,
+            },
+        );
+        put(
+            &ram,
+            0x1010,
+            Trb {
+                parameter: 0x1000,
+                status: 0,
+                control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1,
+            },
+        );
         let p = RingPos::new(0x1000, true);
         let (a, t, p) = p.next(&ram).unwrap().unwrap();
         assert_eq!((a, t.parameter), (0x1000, 7));
@@ -96,17 +112,49 @@ mod tests {
     #[test]
     fn self_linked_ring_is_an_error_with_and_without_toggle() {
         let ram = GuestRam::anonymous(0x10000);
-        put(&ram, 0x2000, Trb { parameter: 0x2000, status: 0, control: (ty::LINK << 10) | 1 });
+        put(
+            &ram,
+            0x2000,
+            Trb {
+                parameter: 0x2000,
+                status: 0,
+                control: (ty::LINK << 10) | 1,
+            },
+        );
         assert_eq!(
             RingPos::new(0x2000, true).next(&ram),
             Err(RingError::LinkLoop(0x2000))
         );
         // With toggle the second visit has the wrong cycle: ring empty.
-        put(&ram, 0x3000, Trb { parameter: 0x3000, status: 0, control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1 });
+        put(
+            &ram,
+            0x3000,
+            Trb {
+                parameter: 0x3000,
+                status: 0,
+                control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1,
+            },
+        );
         assert_eq!(RingPos::new(0x3000, true).next(&ram), Ok(None));
         // Two links toggling each other forever are still capped.
-        put(&ram, 0x4000, Trb { parameter: 0x4010, status: 0, control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1 });
-        put(&ram, 0x4010, Trb { parameter: 0x4000, status: 0, control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE });
+        put(
+            &ram,
+            0x4000,
+            Trb {
+                parameter: 0x4010,
+                status: 0,
+                control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE | 1,
+            },
+        );
+        put(
+            &ram,
+            0x4010,
+            Trb {
+                parameter: 0x4000,
+                status: 0,
+                control: (ty::LINK << 10) | ctl::TOGGLE_CYCLE,
+            },
+        );
         assert_eq!(
             RingPos::new(0x4000, true).next(&ram),
             Err(RingError::LinkLoop(0x4000))

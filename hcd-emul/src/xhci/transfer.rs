@@ -150,7 +150,14 @@ impl Xhci {
     }
 
     /// Builds the transfer for a fetched TD and hands it to the device.
-    fn submit_td(&mut self, s: usize, dci: usize, trbs: Vec<(u64, Trb)>, start: RingPos, after: RingPos) {
+    fn submit_td(
+        &mut self,
+        s: usize,
+        dci: usize,
+        trbs: Vec<(u64, Trb)>,
+        start: RingPos,
+        after: RingPos,
+    ) {
         let ep_t = self.slots[s].eps[dci].ep_type;
         let mut segments = Vec::new();
         let mut setup = None;
@@ -259,7 +266,14 @@ impl Xhci {
         }
     }
 
-    fn queue_noop(&mut self, s: usize, dci: usize, trbs: Vec<(u64, Trb)>, start: RingPos, after: RingPos) {
+    fn queue_noop(
+        &mut self,
+        s: usize,
+        dci: usize,
+        trbs: Vec<(u64, Trb)>,
+        start: RingPos,
+        after: RingPos,
+    ) {
         let id = self.alloc_id();
         let ep = &mut self.slots[s].eps[dci];
         ep.ring = after;
@@ -298,9 +312,13 @@ impl Xhci {
             if !ready {
                 return;
             }
-            let Some(td) = ep.inflight.pop_front() else { return };
+            let Some(td) = ep.inflight.pop_front() else {
+                return;
+            };
             self.inflight.remove(&td.id);
-            let Some(res) = td.result.as_ref() else { return };
+            let Some(res) = td.result.as_ref() else {
+                return;
+            };
             let failed = self.report(s, dci, &td, res);
             if failed {
                 self.halt_endpoint(s, dci);
@@ -353,7 +371,16 @@ impl Xhci {
                     if chunk < len && !short {
                         short = true;
                         if trb.has(ctl::ISP) || ioc {
-                            self.transfer_event(s, dci, intr, *addr, cc::SHORT_PACKET, residue, false, bei);
+                            self.transfer_event(
+                                s,
+                                dci,
+                                intr,
+                                *addr,
+                                cc::SHORT_PACKET,
+                                residue,
+                                false,
+                                bei,
+                            );
                             continue;
                         }
                     }
@@ -404,7 +431,10 @@ impl Xhci {
             Trb {
                 parameter: param,
                 status: (code << 24) | (len & 0xff_ffff),
-                control: ((s as u32) << 24) | ((dci as u32) << 16) | (ty::TRANSFER_EVENT << 10) | ed,
+                control: ((s as u32) << 24)
+                    | ((dci as u32) << 16)
+                    | (ty::TRANSFER_EVENT << 10)
+                    | ed,
             },
             bei,
         );
