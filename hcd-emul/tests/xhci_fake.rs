@@ -41,7 +41,7 @@ fn bring_up(dev: FakeDevice) -> (Driver, usize) {
 #[test]
 fn enumerates_and_interrupts_through_msix() {
     let (dev, _st) = FakeDevice::new(Speed::High);
-    let (mut d, slot) = bring_up(dev);
+    let (d, slot) = bring_up(dev);
     assert!(d.msix_count() > 0, "events were signalled through MSI-X");
     let msg = d.irq.lock().unwrap().msgs[0];
     assert!(msg.msix);

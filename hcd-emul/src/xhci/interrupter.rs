@@ -162,9 +162,19 @@ impl Interrupter {
             self.lost += 1;
             return Err(EventError::Full);
         }
-        let next = self.next_addr(ram)?;
-        if next == self.erdp & !0xf {
-            // One slot left: it takes the Event Ring Full Error (§4.9.4).
+        // The ring is full when the slot after the enqueue pointer is the
+        // dequeue pointer; the last free slot takes the Event Ring Full
+        // Error (§4.9.4), so the producer never catches up with the guest.
+        let mut probe = self.clone();
+        probe.advance(ram)?;
+        let after_next = probe.next_addr(ram)?;
+        let erdp = self.erdp & !0xf;
+        if probe.enqueue_addr() == erdp {
+            self.full = true;
+            self.lost += 1;
+            return Err(EventError::Full);
+        }
+        if after_next == erdp {
             let full = Trb {
                 parameter: 0,
                 status: cc::EVENT_RING_FULL << 24,
@@ -181,9 +191,10 @@ impl Interrupter {
     /// The guest wrote ERDP (either half). `ehb_clear` if it wrote 1 to EHB.
     pub fn set_erdp(&mut self, value: u64, ehb_clear: bool) {
         let ehb = if ehb_clear { 0 } else { self.erdp & ERDP_EHB };
+        let moved = (value & !0xf) != (self.erdp & !0xf);
         self.erdp = (value & !ERDP_EHB) | ehb;
-        if self.full && (self.erdp & !0xf) != self.enqueue_addr() {
-            // Space was freed.
+        if self.full && moved {
+            // The guest consumed events: space was freed.
             self.full = false;
         }
         if self.loaded && (self.erdp & !0xf) != self.enqueue_addr() && ehb == 0 {

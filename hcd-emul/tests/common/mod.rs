@@ -663,7 +663,7 @@ impl Driver {
                     status: n as u32,
                     control: (ty::NORMAL << 10) | ctl::CHAIN | if dir_in { ctl::ISP } else { 0 },
                 });
-                a += n;
+                a = a.wrapping_add(n);
                 left -= n;
             }
         }
