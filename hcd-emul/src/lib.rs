@@ -11,8 +11,10 @@
 #[macro_use]
 pub mod ratelimit;
 pub mod mem;
+pub mod storage;
 pub mod usb;
 
 pub use mem::{DmaError, GuestRam};
+pub use storage::{StorageError, UsbStorage};
 pub mod pci;
 pub mod xhci;

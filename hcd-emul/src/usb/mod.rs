@@ -8,14 +8,15 @@
 //! device they talk to; devices never know the controller.
 
 pub mod descriptor;
-pub mod transfer;
+pub mod std_requests;
+mod transfer;
 
 pub use transfer::{
-    CompletionQueue, IsoPacket, Transfer, TransferHandle, TransferId, TransferKind, TransferResult,
-    TransferStatus,
+    CompletionQueue, IsoPacket, Segment, Transfer, TransferHandle, TransferId, TransferKind,
+    TransferResult, TransferStatus,
 };
 
-/// Bus speed of a device (USB 3.2 table 10-? / xHCI PSI defaults).
+/// Bus speed of a device (USB 3.2 §9.6.1; xHCI 1.2 §7.2.2.1.1 default PSIs).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]

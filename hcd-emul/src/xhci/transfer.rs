@@ -12,7 +12,7 @@ use super::limits;
 use super::ring::{RingError, RingPos};
 use super::trb::{cc, ctl, ty, Trb};
 use super::{InFlight, Xhci};
-use crate::usb::transfer::Segment;
+use crate::usb::Segment;
 use crate::usb::{
     Direction, IsoPacket, SetupPacket, Transfer, TransferKind, TransferResult, TransferStatus,
 };

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: format, lints, docs, unit and
+# integration tests (the in-process guest drivers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+echo "== cargo test"
+cargo test --workspace
