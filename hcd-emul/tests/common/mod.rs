@@ -613,12 +613,12 @@ impl Driver {
         self.write_ctx(inp, 1, slot_ctx);
         for &(dci, t, mps, burst) in eps {
             add |= 1 << dci;
-            let base = self.alloc(16 * 64, 64);
+            let base = self.alloc(16 * 1024, 64);
             self.slots.get_mut(&slot).unwrap().rings.insert(
                 dci,
                 ProducerRing {
                     base,
-                    size: 64,
+                    size: 1024,
                     enq: 0,
                     cycle: true,
                 },
