@@ -258,7 +258,7 @@ fn stick_enumerates_and_round_trips_512b_to_1mib_high_speed() {
     let sizes = [512u32, 4096, 8192 + 512, 65536, 65536 * 3 + 1024, 1 << 20];
     // Then 1 MiB commands until a data TD has crossed the Link TRB (the
     // 1024-TRB ring wraps after ~4 MiB of scattered writes).
-    for len in sizes.into_iter().chain(std::iter::repeat(1 << 20).take(8)) {
+    for len in sizes.into_iter().chain(std::iter::repeat_n(1 << 20, 8)) {
         if wrapped_inside_td && len == 1 << 20 && lba > 4096 {
             break;
         }

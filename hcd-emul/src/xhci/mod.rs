@@ -337,13 +337,7 @@ impl Xhci {
             OP_USBSTS => self.usbsts,
             OP_PAGESIZE => 1,
             OP_DNCTRL => self.dnctrl,
-            OP_CRCR => {
-                if self.cmd_running {
-                    CRCR_CRR as u32
-                } else {
-                    0
-                }
-            }
+            OP_CRCR if self.cmd_running => CRCR_CRR as u32,
             0x1c => 0,
             OP_DCBAAP => self.dcbaap as u32,
             0x34 => (self.dcbaap >> 32) as u32,

@@ -95,7 +95,6 @@ impl Xhci {
         // Compare with the value before this write so that clearing a
         // change bit never posts an event, but setting one does.
         let now = self.ports[idx].portsc;
-        self.ports[idx].portsc = now;
         self.port_changed(port, old & now);
     }
 

@@ -241,12 +241,12 @@ impl Driver {
     /// HCRST and the start-up sequence of xhci_hcd.
     pub fn start(&mut self) {
         let op = self.op();
-        self.w32(op + OP_USBCMD as u64, USBCMD_HCRST);
-        assert_eq!(self.r32(op + OP_USBCMD as u64) & USBCMD_HCRST, 0);
-        assert_eq!(self.r32(op + OP_USBSTS as u64) & USBSTS_CNR, 0);
+        self.w32(op + OP_USBCMD, USBCMD_HCRST);
+        assert_eq!(self.r32(op + OP_USBCMD) & USBCMD_HCRST, 0);
+        assert_eq!(self.r32(op + OP_USBSTS) & USBSTS_CNR, 0);
         let hcs1 = self.r32(0x04);
         let max_slots = hcs1 & 0xff;
-        self.w32(op + OP_CONFIG as u64, max_slots);
+        self.w32(op + OP_CONFIG, max_slots);
         self.dcbaa = self.alloc(8 * 256, 64);
         let hcs2 = self.r32(0x08);
         let nsp = ((hcs2 >> 27) & 0x1f) | (((hcs2 >> 21) & 0x1f) << 5);
@@ -258,7 +258,7 @@ impl Driver {
             }
             self.ram.write(self.dcbaa, &arr.to_le_bytes()).unwrap();
         }
-        self.w64(op + OP_DCBAAP as u64, self.dcbaa);
+        self.w64(op + OP_DCBAAP, self.dcbaa);
         let cr = self.alloc(16 * 64, 64);
         self.cmd = ProducerRing {
             base: cr,
@@ -266,7 +266,7 @@ impl Driver {
             enq: 0,
             cycle: true,
         };
-        self.w64(op + OP_CRCR as u64, cr | 1);
+        self.w64(op + OP_CRCR, cr | 1);
         // Event ring: two segments of 32 TRBs (multi-segment ERST).
         self.erst = self.alloc(16 * 2, 64);
         self.segs.clear();
@@ -289,8 +289,8 @@ impl Driver {
         self.w64(ir0 + 0x10, self.erst);
         self.w32(ir0 + 0x04, 0);
         self.w32(ir0, IMAN_IE);
-        self.w32(op + OP_USBCMD as u64, USBCMD_RS | USBCMD_INTE | USBCMD_HSEE);
-        assert_eq!(self.r32(op + OP_USBSTS as u64) & USBSTS_HCH, 0);
+        self.w32(op + OP_USBCMD, USBCMD_RS | USBCMD_INTE | USBCMD_HSEE);
+        assert_eq!(self.r32(op + OP_USBSTS) & USBSTS_HCH, 0);
         self.slots.clear();
         self.pending.clear();
     }
@@ -559,8 +559,8 @@ impl Driver {
         let mut moved = data.map(|d| d.1).unwrap_or(0);
         loop {
             let c = self.next_transfer(slot, 1).expect("control transfer event");
-            if data.is_some() && c.trb == addrs[1] {
-                moved = data.unwrap().1 - c.residue;
+            if let Some((_, len)) = data.filter(|_| c.trb == addrs[1]) {
+                moved = len - c.residue;
                 if c.code == cc::SHORT_PACKET {
                     continue;
                 }
