@@ -1,6 +1,90 @@
-//! The `xen-usb-dm` device-model process: configuration, PCI wiring and the
-//! transports (Xen ioreq server, vfio-user). The transports arrive with
-//! their issues; this crate currently re-exports the controller library.
+//! The `xen-usb-dm` device-model process: configuration, PCI wiring and
+//! the transports. `main.rs` only parses arguments and calls [`run`].
+//!
+//! Transports: [`vfio_user`] (QEMU and other VMMs). The Xen ioreq-server
+//! transport arrives with its own issue.
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod vfio_user;
+
+use std::path::Path;
+
+use anyhow::Context;
+use hcd_emul::usb::Speed;
+use hcd_emul::xhci::Xhci;
+use hcd_emul::UsbStorage;
+use tracing::info;
+
+pub use config::Config;
 pub use hcd_emul;
+
+/// Builds the xHCI with the configured devices, on `ram`, with device
+/// completions waking the event loop through `waker`.
+pub fn build_xhci(
+    cfg: &Config,
+    ram: hcd_emul::GuestRam,
+    waker: Box<dyn Fn() + Send + Sync>,
+) -> anyhow::Result<Xhci> {
+    let mut x = Xhci::new(ram);
+    x.completion_queue().set_waker(waker);
+    for (i, d) in cfg.devices.iter().enumerate() {
+        match d.kind {
+            config::DeviceKind::Storage => {
+                let img = d
+                    .image
+                    .as_deref()
+                    .context(format!("device[{i}].image missing"))?;
+                let speed = match d.speed {
+                    config::SpeedCfg::High => Speed::High,
+                    config::SpeedCfg::Super => Speed::Super,
+                };
+                let dev = UsbStorage::open(img, d.readonly, speed)
+                    .with_context(|| format!("device[{i}].image: {}", img.display()))?;
+                let blocks = dev.blocks();
+                let port = x
+                    .attach(Box::new(dev))
+                    .with_context(|| format!("device[{i}]: attach"))?;
+                info!(
+                    "device[{i}]: storage {} ({} MiB{}) on root port {port}",
+                    img.display(),
+                    (blocks * 512) >> 20,
+                    if d.readonly { ", read-only" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(x)
+}
+
+/// Runs the device model described by `cfg` until the process is killed.
+pub fn run(cfg: &Config) -> anyhow::Result<()> {
+    let sock = cfg
+        .transport
+        .socket
+        .as_deref()
+        .context("transport.socket missing")?;
+    let mut build_err = None;
+    let mut server = vfio_user::Server::new(sock, |ram, waker| {
+        match build_xhci(cfg, ram.clone(), waker) {
+            Ok(x) => x,
+            Err(e) => {
+                build_err = Some(e);
+                Xhci::new(ram)
+            }
+        }
+    })?;
+    if let Some(e) = build_err {
+        return Err(e);
+    }
+    info!(
+        "xen-usb-dm: xHCI served over vfio-user on {}",
+        socket_display(sock)
+    );
+    server.run(|_| false)?;
+    Ok(())
+}
+
+fn socket_display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -210,6 +210,9 @@ fn byte_of(v: u64, n: u64) -> u8 {
 /// controller, a field apart from it so both can be borrowed at once.
 #[derive(Debug)]
 struct FunctionState {
+    /// Message interrupts managed by the client (see
+    /// [`PciFunction::set_external_msi`]).
+    external: ExternalMsi,
     config: ConfigSpace,
     /// Per-vector INTx condition, `MAX_VECTORS` bits.
     levels: Vec<u64>,
@@ -241,8 +244,10 @@ impl FunctionState {
     /// Recomputes STATUS.Interrupt Status and the INTx pin; tells the
     /// transport only when the pin changes.
     fn update_intx(&mut self) {
-        let condition =
-            self.any_level() && !self.config.msi_enabled() && !self.config.msix_enabled();
+        let condition = self.any_level()
+            && self.external == ExternalMsi::None
+            && !self.config.msi_enabled()
+            && !self.config.msix_enabled();
         self.config.set_interrupt_status(condition);
         let pin = condition && self.config.command() & COMMAND_INTX_DISABLE == 0;
         if pin != self.intx_pin {
@@ -343,6 +348,22 @@ impl FunctionState {
 
 impl IrqSink for FunctionState {
     fn pulse(&mut self, vector: u16) -> bool {
+        match self.external {
+            ExternalMsi::None => {}
+            ExternalMsi::Msi(count) | ExternalMsi::MsiX(count) => {
+                let msix = matches!(self.external, ExternalMsi::MsiX(_));
+                let vector = if msix { vector } else { vector % count.max(1) };
+                if vector < count {
+                    self.transport.send_msi(MsiMessage {
+                        msix,
+                        vector,
+                        address: 0,
+                        data: 0,
+                    });
+                }
+                return true;
+            }
+        }
         if self.msix_active() {
             let deliver_now = self.bus_master() && !self.config.msix_function_masked();
             let Some(msix) = self.msix.as_mut() else {
@@ -393,6 +414,23 @@ impl IrqSink for FunctionState {
     }
 }
 
+/// Who delivers message-signalled interrupts.
+///
+/// With vfio-user the client (QEMU's vfio-pci code) emulates the MSI and
+/// MSI-X capabilities and table itself and hands the server one eventfd per
+/// enabled vector through `SET_IRQS`; the function then only names the
+/// vector and the transport signals its eventfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExternalMsi {
+    /// The function's own MSI/MSI-X state decides (Xen, tests).
+    #[default]
+    None,
+    /// The client enabled this many MSI vectors.
+    Msi(u16),
+    /// The client enabled this many MSI-X vectors.
+    MsiX(u16),
+}
+
 /// A controller exposed as a PCI function: configuration space, BAR
 /// dispatch, MSI-X table and interrupt routing (see the module docs).
 #[derive(Debug)]
@@ -437,6 +475,7 @@ impl<C: PciController> PciFunction<C> {
                 intx_pin: false,
                 msix: msix.map(MsixState::new),
                 msi_pending: 0,
+                external: ExternalMsi::None,
                 transport,
             },
             identity,
@@ -553,6 +592,13 @@ impl<C: PciController> PciFunction<C> {
         }
         self.controller
             .bar_write(bar, offset, data, &mut self.state);
+    }
+
+    /// Hands message-interrupt delivery to the client (vfio-user), or takes
+    /// it back with [`ExternalMsi::None`].
+    pub fn set_external_msi(&mut self, mode: ExternalMsi) {
+        self.state.external = mode;
+        self.state.update_intx();
     }
 
     /// Lets the controller do work that is not a register access.

@@ -12,7 +12,7 @@
 mod config;
 mod function;
 
-pub use function::PciFunction;
+pub use function::{ExternalMsi, PciFunction};
 
 /// Identity of a PCI function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,267 @@
+//! `xen-dm.toml`: one controller, one transport, any number of devices.
+//!
+//! Unknown keys are errors (a typo must not silently drop a device); every
+//! error names the key or file it is about.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Configuration errors, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// Configuration file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (names the key).
+    #[error("{path}: {msg}")]
+    Parse {
+        /// Configuration file.
+        path: PathBuf,
+        /// The parser's message, flattened to one line.
+        msg: String,
+    },
+    /// A value is wrong.
+    #[error("{path}: {key}: {msg}")]
+    Invalid {
+        /// Configuration file.
+        path: PathBuf,
+        /// The offending key, e.g. `device[0].image`.
+        key: String,
+        /// Why.
+        msg: String,
+    },
+}
+
+/// Controller model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    /// xHCI (USB 3).
+    Xhci,
+    /// EHCI (not implemented yet).
+    Ehci,
+    /// UHCI (not implemented yet).
+    Uhci,
+}
+
+/// `[controller]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    /// Controller model.
+    pub model: Model,
+}
+
+/// Transport kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// vfio-user server on a UNIX socket.
+    VfioUser,
+    /// Xen ioreq server (not implemented yet).
+    Xen,
+}
+
+/// `[transport]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transport {
+    /// Transport kind.
+    pub kind: TransportKind,
+    /// vfio-user: the socket path to listen on.
+    pub socket: Option<PathBuf>,
+}
+
+/// Device kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// USB mass storage on an image file.
+    Storage,
+}
+
+/// Device speed in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SpeedCfg {
+    /// USB 2 high speed (a USB 2 root port).
+    High,
+    /// USB 3 SuperSpeed (a USB 3 root port).
+    #[default]
+    Super,
+}
+
+/// `[[device]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Device kind.
+    pub kind: DeviceKind,
+    /// Raw image file (storage), relative to the configuration file.
+    pub image: Option<PathBuf>,
+    /// Read-only medium.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Bus speed.
+    #[serde(default)]
+    pub speed: SpeedCfg,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[controller]`.
+    pub controller: Controller,
+    /// `[transport]`.
+    pub transport: Transport,
+    /// `[[device]]` entries.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<Device>,
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative image paths are resolved
+    /// against the configuration file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is used for
+    /// messages and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            msg: e.to_string().replace('\n', " ").trim().to_string(),
+        })?;
+        let invalid = |key: String, msg: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            msg,
+        };
+        if cfg.controller.model != Model::Xhci {
+            return Err(invalid(
+                "controller.model".into(),
+                "only \"xhci\" is implemented so far".into(),
+            ));
+        }
+        match cfg.transport.kind {
+            TransportKind::VfioUser => match &cfg.transport.socket {
+                None => {
+                    return Err(invalid(
+                        "transport.socket".into(),
+                        "required for kind = \"vfio-user\"".into(),
+                    ))
+                }
+                Some(s) if s.exists() => {
+                    return Err(invalid(
+                        "transport.socket".into(),
+                        format!(
+                            "{} already exists (another server running, or a stale socket)",
+                            s.display()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            },
+            TransportKind::Xen => {
+                return Err(invalid(
+                    "transport.kind".into(),
+                    "\"xen\" is not implemented yet".into(),
+                ))
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (i, d) in cfg.devices.iter_mut().enumerate() {
+            match d.kind {
+                DeviceKind::Storage => {
+                    let Some(img) = &d.image else {
+                        return Err(invalid(
+                            format!("device[{i}].image"),
+                            "required for kind = \"storage\"".into(),
+                        ));
+                    };
+                    let full = if img.is_absolute() {
+                        img.clone()
+                    } else {
+                        base.join(img)
+                    };
+                    if let Err(e) = std::fs::metadata(&full) {
+                        return Err(invalid(
+                            format!("device[{i}].image"),
+                            format!("{}: {e}", full.display()),
+                        ));
+                    }
+                    d.image = Some(full);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/nonexistent/xen-dm.toml"))
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[controller]\nmodel = \"xhci\"\nmodle = 1\n[transport]\nkind=\"vfio-user\"\nsocket=\"/tmp/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("modle"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn missing_image_is_named() {
+        let e = parse("[controller]\nmodel = \"xhci\"\n[transport]\nkind=\"vfio-user\"\nsocket=\"/tmp/nonexistent-sock\"\n[[device]]\nkind=\"storage\"\nimage=\"/nonexistent.img\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device[0].image") && e.contains("/nonexistent.img"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn socket_taken_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        std::fs::write(&sock, b"").unwrap();
+        let e = parse(&format!(
+            "[controller]\nmodel = \"xhci\"\n[transport]\nkind=\"vfio-user\"\nsocket=\"{}\"\n",
+            sock.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("transport.socket") && e.contains("already exists"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../xen-dm.toml");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stick.img"), vec![0u8; 4096]).unwrap();
+        let cfg = Config::parse(text, &dir.path().join("xen-dm.toml")).unwrap();
+        assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.controller.model, Model::Xhci);
+    }
+}

@@ -1,0 +1,626 @@
+//! vfio-user server (vfio-user protocol 0.1, as spoken by QEMU's
+//! `vfio-user-pci`), serving one PCI function.
+//!
+//! Why our own server instead of the `vfio_user` crate's: the crate's
+//! `Server::run` panics on a malformed VERSION payload, sizes buffers from
+//! the client's counts without bounds, ignores `message_size` for framing
+//! (trailing bytes desynchronise the stream), and owns the thread so that
+//! device completions cannot be processed between messages. Here one
+//! thread waits (epoll) on the listening socket, the client socket and an
+//! eventfd that devices signal on completion, and on the controller's next
+//! timer deadline — no busy polling, and the controller needs no lock.
+//!
+//! Framing is strict: every message is read whole according to its
+//! `message_size` (bounded by [`MAX_MESSAGE`]); a malformed message gets an
+//! error reply, a broken stream closes the connection and resets the
+//! device, and a second client is refused with a logged error.
+
+pub mod dma;
+mod irq;
+mod proto;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hcd_emul::pci::{ExternalMsi, PciController, PciFunction};
+use hcd_emul::GuestRam;
+use tracing::{debug, error, info, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use dma::DmaMap;
+pub use irq::IrqFds;
+use irq::VfioIrqTransport;
+use proto::*;
+
+/// Largest message accepted (header included): a region access of
+/// [`MAX_DATA`] plus headers.
+pub const MAX_MESSAGE: usize = MAX_DATA + 64;
+/// Largest region read/write data (advertised as max_data_xfer_size).
+pub const MAX_DATA: usize = 64 * 1024;
+/// How long a client may take to send the rest of a started message.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const TOKEN_LISTENER: u64 = 0;
+const TOKEN_WAKER: u64 = 1;
+const TOKEN_CLIENT: u64 = 2;
+
+/// Errors that end the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Socket setup failed.
+    #[error("{path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// epoll/eventfd failure.
+    #[error("event loop: {0}")]
+    Poll(std::io::Error),
+}
+
+/// Why a connection is dropped.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("client closed the connection")]
+    Closed,
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// A vfio-user server for one PCI function.
+pub struct Server<C: PciController> {
+    listener: UnixListener,
+    path: PathBuf,
+    pci: PciFunction<C>,
+    ram: GuestRam,
+    dma: DmaMap,
+    irqs: Arc<Mutex<IrqFds>>,
+    waker: EventFd,
+    client: Option<UnixStream>,
+    epoll: Epoll,
+    /// Messages handled (for statistics).
+    pub messages: u64,
+    /// Region accesses handled.
+    pub region_accesses: u64,
+}
+
+impl<C: PciController> std::fmt::Debug for Server<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("path", &self.path).finish()
+    }
+}
+
+impl<C: PciController> Server<C> {
+    /// Binds `path` and wraps `make(ram, waker)`'s controller. `make` gets the
+    /// guest memory handle DMA_MAP will fill and must arrange for device
+    /// completions to call the waker.
+    pub fn new(
+        path: &Path,
+        make: impl FnOnce(GuestRam, Box<dyn Fn() + Send + Sync>) -> C,
+    ) -> Result<Self, ServerError> {
+        let sock_err = |source| ServerError::Socket {
+            path: path.to_owned(),
+            source,
+        };
+        if path.exists() {
+            return Err(sock_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "socket path already exists",
+            )));
+        }
+        let listener = UnixListener::bind(path).map_err(sock_err)?;
+        listener.set_nonblocking(true).map_err(sock_err)?;
+        let waker = EventFd::new(EFD_NONBLOCK).map_err(ServerError::Poll)?;
+        let w2 = waker.try_clone().map_err(ServerError::Poll)?;
+        let ram = GuestRam::empty();
+        let controller = make(
+            ram.clone(),
+            Box::new(move || {
+                let _ = w2.write(1);
+            }),
+        );
+        let irqs = Arc::new(Mutex::new(IrqFds::default()));
+        let pci = PciFunction::new(controller, Box::new(VfioIrqTransport::new(irqs.clone())));
+        let epoll = Epoll::new().map_err(ServerError::Poll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            )
+            .map_err(ServerError::Poll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                waker.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_WAKER),
+            )
+            .map_err(ServerError::Poll)?;
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+            pci,
+            ram,
+            dma: DmaMap::default(),
+            irqs,
+            waker,
+            client: None,
+            epoll,
+            messages: 0,
+            region_accesses: 0,
+        })
+    }
+
+    /// The PCI function served.
+    pub fn pci(&self) -> &PciFunction<C> {
+        &self.pci
+    }
+
+    /// Serves until `stop()` returns true (checked after every wake-up) or
+    /// the event loop fails.
+    pub fn run(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), ServerError> {
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            if stop(self) {
+                return Ok(());
+            }
+            let timeout = match self.pci.next_deadline() {
+                None => 1000,
+                Some(t) => {
+                    let now = Instant::now();
+                    if t <= now {
+                        0
+                    } else {
+                        i32::try_from((t - now).as_millis() + 1)
+                            .unwrap_or(1000)
+                            .min(1000)
+                    }
+                }
+            };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ServerError::Poll(e)),
+            };
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    TOKEN_LISTENER => self.accept(),
+                    TOKEN_WAKER => {
+                        let _ = self.waker.read();
+                        self.pci.process();
+                    }
+                    _ => {
+                        if let Err(e) = self.serve_one() {
+                            self.disconnect(&e);
+                        }
+                    }
+                }
+            }
+            if self
+                .pci
+                .next_deadline()
+                .is_some_and(|t| t <= Instant::now())
+            {
+                self.pci.process();
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    if self.client.is_some() {
+                        error!(
+                            "vfio-user: refusing a second client on {}: one client per device",
+                            self.path.display()
+                        );
+                        drop(s);
+                        continue;
+                    }
+                    info!("vfio-user: client connected on {}", self.path.display());
+                    if s.set_nonblocking(false).is_err()
+                        || self
+                            .epoll
+                            .ctl(
+                                ControlOperation::Add,
+                                s.as_raw_fd(),
+                                EpollEvent::new(
+                                    EventSet::IN | EventSet::READ_HANG_UP,
+                                    TOKEN_CLIENT,
+                                ),
+                            )
+                            .is_err()
+                    {
+                        error!("vfio-user: cannot watch the client socket");
+                        continue;
+                    }
+                    self.client = Some(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("vfio-user: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The client is gone (or broke the protocol): the guest can no longer
+    /// see the device, so reset it, drop its memory and interrupts.
+    fn disconnect(&mut self, why: &ConnError) {
+        match why {
+            ConnError::Closed => info!("vfio-user: client disconnected"),
+            e => error!("vfio-user: dropping client: {e}"),
+        }
+        if let Some(s) = self.client.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                s.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+        self.pci.set_external_msi(ExternalMsi::None);
+        self.pci.reset();
+        self.dma.clear();
+        self.dma.publish(&self.ram);
+        if let Ok(mut i) = self.irqs.lock() {
+            *i = IrqFds::default();
+        }
+    }
+
+    /// Reads one whole message and answers it.
+    fn serve_one(&mut self) -> Result<(), ConnError> {
+        let Some(stream) = self.client.take() else {
+            return Ok(());
+        };
+        let r = self.serve_from(&stream);
+        self.client = Some(stream);
+        r
+    }
+
+    fn serve_from(&mut self, stream: &UnixStream) -> Result<(), ConnError> {
+        let mut hdr = [0u8; HEADER_SIZE];
+        let mut fds = [0i32; MAX_FDS];
+        let mut iov = [libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        }];
+        // SAFETY: the iovec points at `hdr`, which is live and exclusively
+        // borrowed for the call; `fds` has room for MAX_FDS descriptors.
+        let (got, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+            .map_err(|e| ConnError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+        let files: Vec<File> = fds[..nfds]
+            .iter()
+            .map(|&fd| {
+                // SAFETY: recvmsg just gave us ownership of these descriptors.
+                unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            })
+            .collect();
+        if got == 0 {
+            return Err(ConnError::Closed);
+        }
+        let mut s = stream;
+        s.set_read_timeout(Some(BODY_TIMEOUT))?;
+        if got < HEADER_SIZE {
+            s.read_exact(&mut hdr[got..])?;
+        }
+        let h = Header::parse(&hdr);
+        let size = h.size as usize;
+        if !(HEADER_SIZE..=MAX_MESSAGE).contains(&size) {
+            return Err(ConnError::Protocol(format!(
+                "message size {size} outside {HEADER_SIZE}..={MAX_MESSAGE}"
+            )));
+        }
+        let mut body = vec![0u8; size - HEADER_SIZE];
+        s.read_exact(&mut body)?;
+        s.set_read_timeout(None)?;
+        if h.flags & FLAG_TYPE_MASK != FLAG_COMMAND {
+            return Err(ConnError::Protocol("client sent a reply".into()));
+        }
+        self.messages += 1;
+        let reply = self.dispatch(&h, &body, files);
+        if h.flags & FLAG_NO_REPLY != 0 {
+            if let Err(e) = reply {
+                warn!(
+                    "vfio-user: command {} (no reply wanted) failed: errno {e}",
+                    h.command
+                );
+            }
+            return Ok(());
+        }
+        let out = match reply {
+            Ok(payload) => encode_reply(&h, 0, &payload),
+            Err(errno) => encode_reply(&h, errno, &[]),
+        };
+        let mut w = stream;
+        w.write_all(&out)?;
+        Ok(())
+    }
+
+    /// Handles one command; `Ok(payload)` or `Err(errno)`.
+    fn dispatch(&mut self, h: &Header, body: &[u8], mut fds: Vec<File>) -> Result<Vec<u8>, u32> {
+        let mut r = Reader::new(body);
+        match h.command {
+            CMD_VERSION => {
+                let major = r.u16()?;
+                let minor = r.u16()?;
+                let caps = String::from_utf8_lossy(r.rest());
+                info!(
+                    "vfio-user: client version {major}.{minor} {}",
+                    caps.trim_end_matches('\0')
+                );
+                let json = format!(
+                    "{{\"capabilities\":{{\"max_msg_fds\":{MAX_FDS},\"max_data_xfer_size\":{MAX_DATA},\"migration\":{{\"pgsize\":4096}}}}}}"
+                );
+                let mut p = Vec::new();
+                p.extend_from_slice(&0u16.to_le_bytes());
+                p.extend_from_slice(&0u16.to_le_bytes());
+                p.extend_from_slice(json.as_bytes());
+                p.push(0);
+                Ok(p)
+            }
+            CMD_DMA_MAP => {
+                let _argsz = r.u32()?;
+                let _flags = r.u32()?;
+                let offset = r.u64()?;
+                let addr = r.u64()?;
+                let size = r.u64()?;
+                if fds.len() > 1 {
+                    return Err(libc::EINVAL as u32);
+                }
+                let f = fds.pop();
+                if f.is_none() {
+                    warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
+                }
+                match self.dma.map(addr, size, f, offset) {
+                    Ok(()) => {
+                        debug!("vfio-user: DMA_MAP {addr:#x}+{size:#x}");
+                        self.dma.publish(&self.ram);
+                        Ok(Vec::new())
+                    }
+                    Err(e) => {
+                        warn!("vfio-user: {e}");
+                        Err(libc::EINVAL as u32)
+                    }
+                }
+            }
+            CMD_DMA_UNMAP => {
+                let argsz = r.u32()?;
+                let flags = r.u32()?;
+                let addr = r.u64()?;
+                let size = r.u64()?;
+                match self.dma.unmap(addr, size) {
+                    Ok(()) => {
+                        debug!("vfio-user: DMA_UNMAP {addr:#x}+{size:#x}");
+                        self.dma.publish(&self.ram);
+                        let mut p = Vec::new();
+                        p.extend_from_slice(&argsz.to_le_bytes());
+                        p.extend_from_slice(&flags.to_le_bytes());
+                        p.extend_from_slice(&addr.to_le_bytes());
+                        p.extend_from_slice(&size.to_le_bytes());
+                        Ok(p)
+                    }
+                    Err(e) => {
+                        warn!("vfio-user: {e}");
+                        Err(libc::EINVAL as u32)
+                    }
+                }
+            }
+            CMD_DEVICE_GET_INFO => {
+                let mut p = Vec::new();
+                p.extend_from_slice(&16u32.to_le_bytes());
+                p.extend_from_slice(&(DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI).to_le_bytes());
+                p.extend_from_slice(&NUM_REGIONS.to_le_bytes());
+                p.extend_from_slice(&NUM_IRQS.to_le_bytes());
+                Ok(p)
+            }
+            CMD_DEVICE_GET_REGION_INFO => {
+                let _argsz = r.u32()?;
+                let _flags = r.u32()?;
+                let index = r.u32()?;
+                let (size, flags) = self.region(index).ok_or(libc::EINVAL as u32)?;
+                let mut p = Vec::new();
+                p.extend_from_slice(&32u32.to_le_bytes());
+                p.extend_from_slice(&flags.to_le_bytes());
+                p.extend_from_slice(&index.to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
+                p.extend_from_slice(&size.to_le_bytes());
+                p.extend_from_slice(&0u64.to_le_bytes());
+                Ok(p)
+            }
+            CMD_DEVICE_GET_IRQ_INFO => {
+                let _argsz = r.u32()?;
+                let _flags = r.u32()?;
+                let index = r.u32()?;
+                let (flags, count) = match index {
+                    IRQ_INTX => (
+                        IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+                        1u32,
+                    ),
+                    IRQ_MSI => (
+                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+                        u32::from(self.pci.controller().msi_vectors()),
+                    ),
+                    IRQ_MSIX => (
+                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+                        self.pci
+                            .controller()
+                            .msix()
+                            .map_or(0, |m| u32::from(m.vectors)),
+                    ),
+                    IRQ_ERR | IRQ_REQ => (0, 0),
+                    _ => return Err(libc::EINVAL as u32),
+                };
+                let mut p = Vec::new();
+                p.extend_from_slice(&16u32.to_le_bytes());
+                p.extend_from_slice(&flags.to_le_bytes());
+                p.extend_from_slice(&index.to_le_bytes());
+                p.extend_from_slice(&count.to_le_bytes());
+                Ok(p)
+            }
+            CMD_DEVICE_SET_IRQS => {
+                let _argsz = r.u32()?;
+                let flags = r.u32()?;
+                let index = r.u32()?;
+                let start = r.u32()?;
+                let count = r.u32()?;
+                self.set_irqs(flags, index, start, count, fds)?;
+                Ok(Vec::new())
+            }
+            CMD_REGION_READ => {
+                let offset = r.u64()?;
+                let region = r.u32()?;
+                let count = r.u32()? as usize;
+                if count > MAX_DATA {
+                    return Err(libc::EINVAL as u32);
+                }
+                let mut data = vec![0u8; count];
+                self.region_access(region, offset, &mut data, false)?;
+                let mut p = Vec::with_capacity(16 + count);
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&region.to_le_bytes());
+                p.extend_from_slice(&(count as u32).to_le_bytes());
+                p.extend_from_slice(&data);
+                Ok(p)
+            }
+            CMD_REGION_WRITE => {
+                let offset = r.u64()?;
+                let region = r.u32()?;
+                let count = r.u32()?;
+                let mut data = r.rest().to_vec();
+                if data.len() != count as usize {
+                    return Err(libc::EINVAL as u32);
+                }
+                self.region_access(region, offset, &mut data, true)?;
+                let mut p = Vec::new();
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&region.to_le_bytes());
+                p.extend_from_slice(&count.to_le_bytes());
+                Ok(p)
+            }
+            CMD_DEVICE_RESET => {
+                info!("vfio-user: device reset");
+                self.pci.reset();
+                Ok(Vec::new())
+            }
+            other => {
+                warn!("vfio-user: unsupported command {other}");
+                Err(libc::ENOTSUP as u32)
+            }
+        }
+    }
+
+    /// Size and flags of a region (VFIO PCI region indices).
+    fn region(&self, index: u32) -> Option<(u64, u32)> {
+        match index {
+            REGION_CONFIG => Some((256, REGION_READ | REGION_WRITE)),
+            0..=5 => Some(
+                self.pci
+                    .bars()
+                    .iter()
+                    .find(|b| u32::from(b.index) == index)
+                    .map_or((0, 0), |b| (b.size, REGION_READ | REGION_WRITE)),
+            ),
+            6 | 8 => Some((0, 0)),
+            _ => None,
+        }
+    }
+
+    /// Splits an access into naturally aligned pieces of at most 8 bytes
+    /// (config space: 4) and forwards them.
+    fn region_access(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+        write: bool,
+    ) -> Result<(), u32> {
+        let (size, _) = self.region(region).ok_or(libc::EINVAL as u32)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(libc::EINVAL as u32)?;
+        if end > size {
+            return Err(libc::EINVAL as u32);
+        }
+        self.region_accesses += 1;
+        let max = if region == REGION_CONFIG { 4 } else { 8 };
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let mut n = max.min(data.len() - pos);
+            while n > 1 && (!off.is_multiple_of(n as u64) || !n.is_power_of_two()) {
+                n = if n.is_power_of_two() {
+                    n / 2
+                } else {
+                    n.next_power_of_two() / 2
+                };
+            }
+            let chunk = &mut data[pos..pos + n];
+            match (region == REGION_CONFIG, write) {
+                (true, false) => self.pci.config_read(off as u16, chunk),
+                (true, true) => self.pci.config_write(off as u16, chunk),
+                (false, false) => self.pci.bar_read(region as u8, off, chunk),
+                (false, true) => self.pci.bar_write(region as u8, off, chunk),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> Result<(), u32> {
+        let action = flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER);
+        let data = flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD);
+        if action.count_ones() != 1 || data.count_ones() != 1 || index > IRQ_REQ {
+            return Err(libc::EINVAL as u32);
+        }
+        let mut irqs = self.irqs.lock().map_err(|_| libc::EIO as u32)?;
+        match (action, data) {
+            (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD) => {
+                if fds.len() != count as usize {
+                    return Err(libc::EINVAL as u32);
+                }
+                irqs.set(index, start, fds)
+                    .map_err(|_| libc::EINVAL as u32)?;
+            }
+            (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) if count == 0 => irqs.clear(index),
+            (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) => {
+                for v in start..start.saturating_add(count) {
+                    irqs.signal(index, v);
+                }
+            }
+            (IRQ_SET_ACTION_UNMASK, _) if index == IRQ_INTX => irqs.unmask_intx(),
+            (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK, _) => {}
+            _ => return Err(libc::EINVAL as u32),
+        }
+        let mode = irqs.mode();
+        drop(irqs);
+        debug!("vfio-user: SET_IRQS index {index} start {start} count {count} flags {flags:#x}: {mode:?}");
+        self.pci.set_external_msi(mode);
+        Ok(())
+    }
+}
+
+impl<C: PciController> Drop for Server<C> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

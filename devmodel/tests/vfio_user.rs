@@ -1,0 +1,270 @@
+//! The vfio-user transport against rust-vmm's vfio-user client (a real,
+//! independent implementation of the protocol) and against raw, malformed
+//! messages.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devmodel::config::Config;
+use devmodel::vfio_user::Server;
+use hcd_emul::xhci::regs::*;
+use hcd_emul::xhci::trb::{ty, Trb};
+use vfio_user::Client;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+struct Running {
+    sock: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("stick.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("dm.sock");
+    let text = format!(
+        "[controller]\nmodel=\"xhci\"\n[transport]\nkind=\"vfio-user\"\nsocket=\"{}\"\n[[device]]\nkind=\"storage\"\nimage=\"stick.img\"\n",
+        sock.display()
+    );
+    let cfg = Config::parse(&text, &dir.path().join("xen-dm.toml")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s2 = stop.clone();
+    let sock2 = sock.clone();
+    let thread = std::thread::spawn(move || {
+        let mut server = Server::new(&sock2, |ram, waker| {
+            devmodel::build_xhci(&cfg, ram, waker).unwrap()
+        })
+        .unwrap();
+        tx.send(()).unwrap();
+        server.run(|_| s2.load(Ordering::Relaxed)).unwrap();
+    });
+    rx.recv().unwrap();
+    Running {
+        sock,
+        stop,
+        thread: Some(thread),
+        _dir: dir,
+    }
+}
+
+fn client(p: &Path) -> Client {
+    Client::new(p).expect("vfio-user client connects and negotiates")
+}
+
+fn r32(c: &mut Client, region: u32, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    c.region_read(region, off, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn w32(c: &mut Client, region: u32, off: u64, v: u32) {
+    c.region_write(region, off, &v.to_le_bytes()).unwrap();
+}
+
+#[test]
+fn config_space_and_bar_through_a_real_client() {
+    let s = start();
+    let mut c = client(&s.sock);
+    assert_eq!(r32(&mut c, 7, 0), 0x000d_1b36);
+    assert_eq!(r32(&mut c, 7, 8) >> 8, 0x0c0330);
+    assert_eq!(
+        r32(&mut c, 0, 0),
+        0x0120_0040,
+        "CAPLENGTH/HCIVERSION over BAR 0"
+    );
+    // BAR sizing through config space.
+    w32(&mut c, 7, 0x10, 0xffff_ffff);
+    assert_eq!(r32(&mut c, 7, 0x10), !(BAR0_SIZE as u32 - 1) | 0x4);
+}
+
+/// DMA through a memfd-like shared file, a command ring, and an MSI-X
+/// interrupt delivered through the client's eventfd.
+#[test]
+fn noop_command_over_dma_with_msix_eventfd() {
+    let s = start();
+    let mut c = client(&s.sock);
+    let ram = tempfile::tempfile().unwrap();
+    ram.set_len(1 << 20).unwrap();
+    c.dma_map(0, 0, 1 << 20, ram.as_raw_fd()).unwrap();
+    let ev = EventFd::new(EFD_NONBLOCK).unwrap();
+    // VFIO_IRQ_SET_DATA_EVENTFD | ACTION_TRIGGER on the MSI-X index.
+    c.set_irqs(2, (1 << 2) | (1 << 5), 0, 1, &[ev.as_raw_fd()])
+        .unwrap();
+    w32(&mut c, 7, 4, 6); // memory + bus master
+    let op = CAP_LENGTH;
+    w32(&mut c, 0, op + OP_USBCMD, USBCMD_HCRST);
+    w32(&mut c, 0, op + OP_CONFIG, 8);
+    w32(&mut c, 0, op + OP_DCBAAP, 0x1000);
+    // Command ring at 0x2000 with one No Op; ERST at 0x3000 -> 0x4000.
+    let put = |off: u64, b: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        ram.write_all_at(b, off).unwrap();
+    };
+    put(
+        0x2000,
+        &Trb {
+            parameter: 0,
+            status: 0,
+            control: (ty::NOOP_COMMAND << 10) | 1,
+        }
+        .to_bytes(),
+    );
+    put(0x3000, &0x4000u64.to_le_bytes());
+    put(0x3008, &16u32.to_le_bytes());
+    w32(&mut c, 0, op + OP_CRCR, 0x2001);
+    let ir0 = RUNTIME_OFFSET + RT_IR0;
+    w32(&mut c, 0, ir0 + 8, 1);
+    w32(&mut c, 0, ir0 + 0x18, 0x4000);
+    w32(&mut c, 0, ir0 + 0x10, 0x3000);
+    w32(&mut c, 0, ir0, IMAN_IE);
+    w32(&mut c, 0, op + OP_USBCMD, USBCMD_RS | USBCMD_INTE);
+    w32(&mut c, 0, DOORBELL_OFFSET, 0);
+    let mut b = [0u8; 16];
+    {
+        use std::os::unix::fs::FileExt;
+        ram.read_exact_at(&mut b, 0x4000).unwrap();
+    }
+    let t = Trb::from_bytes(&b);
+    assert_eq!(t.trb_type(), ty::COMMAND_COMPLETION);
+    assert_eq!((t.parameter, t.status >> 24), (0x2000, 1));
+    assert_eq!(ev.read().unwrap(), 1, "one MSI-X interrupt signalled");
+    // Unmapping the memory under the running controller: the next command
+    // fetch finds no RAM and the controller halts (Host System Error)
+    // instead of touching unmapped memory.
+    c.dma_unmap(0, 1 << 20).unwrap();
+    w32(&mut c, 0, DOORBELL_OFFSET, 0);
+    let sts = r32(&mut c, 0, op + OP_USBSTS);
+    assert_eq!(sts & (USBSTS_HSE | USBSTS_HCH), USBSTS_HSE | USBSTS_HCH);
+}
+
+fn raw(p: &Path) -> UnixStream {
+    let s = UnixStream::connect(p).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn header(id: u16, cmd: u16, size: u32, flags: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&cmd.to_le_bytes());
+    v.extend_from_slice(&size.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+fn read_reply(s: &mut UnixStream) -> (u16, u32, u32, Vec<u8>) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let size = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+    let flags = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let err = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let mut body = vec![0u8; size - 16];
+    s.read_exact(&mut body).unwrap();
+    (u16::from_le_bytes([h[0], h[1]]), flags, err, body)
+}
+
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn malformed_messages_get_errors_and_the_stream_stays_in_sync() {
+    let srv = start();
+    let mut s = raw(&srv.sock);
+    // Unknown command with a payload: error reply, payload consumed.
+    let mut m = header(1, 99, 16 + 5, 0);
+    m.extend_from_slice(b"hello");
+    s.write_all(&m).unwrap();
+    let (id, flags, err, _) = read_reply(&mut s);
+    assert_eq!((id, flags & 0x21, err), (1, 0x21, libc::ENOTSUP as u32));
+    // Truncated REGION_READ payload: EINVAL.
+    let mut m = header(2, 9, 16 + 4, 0);
+    m.extend_from_slice(&[0; 4]);
+    s.write_all(&m).unwrap();
+    let (id, flags, err, _) = read_reply(&mut s);
+    assert_eq!((id, flags & 0x20, err), (2, 0x20, libc::EINVAL as u32));
+    // A read of 1 GiB: refused, nothing allocated.
+    let mut m = header(3, 9, 32, 0);
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    s.write_all(&m).unwrap();
+    assert_eq!(read_reply(&mut s).2, libc::EINVAL as u32);
+    // Region index out of range, and a read past the end of BAR 0.
+    for (region, off) in [(42u32, 0u64), (0, BAR0_SIZE - 2)] {
+        let mut m = header(4, 9, 32, 0);
+        m.extend_from_slice(&off.to_le_bytes());
+        m.extend_from_slice(&region.to_le_bytes());
+        m.extend_from_slice(&4u32.to_le_bytes());
+        s.write_all(&m).unwrap();
+        assert_eq!(read_reply(&mut s).2, libc::EINVAL as u32);
+    }
+    // VERSION with garbage capabilities: answered, no crash.
+    let mut m = header(5, 1, 16 + 4 + 3, 0);
+    m.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xfe, 0x7b]);
+    s.write_all(&m).unwrap();
+    let (id, flags, _, body) = read_reply(&mut s);
+    assert_eq!((id, flags & 0x20), (5, 0));
+    assert!(String::from_utf8_lossy(&body[4..]).contains("max_msg_fds"));
+    // Still in sync: a valid config read.
+    let mut m = header(6, 9, 32, 0);
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m.extend_from_slice(&7u32.to_le_bytes());
+    m.extend_from_slice(&4u32.to_le_bytes());
+    s.write_all(&m).unwrap();
+    let (_, _, err, body) = read_reply(&mut s);
+    assert_eq!(err, 0);
+    assert_eq!(&body[16..20], &0x000d_1b36u32.to_le_bytes());
+    // A header whose size is below the header size: the connection drops.
+    s.write_all(&header(7, 9, 8, 0)).unwrap();
+    assert!(closed(&mut s));
+    // The server survives and serves the next client.
+    let mut c = client(&srv.sock);
+    assert_eq!(r32(&mut c, 7, 0), 0x000d_1b36);
+}
+
+#[test]
+fn truncated_message_and_disconnect_mid_message() {
+    let srv = start();
+    let mut s = raw(&srv.sock);
+    let mut m = header(1, 10, 16 + 16 + 64, 0);
+    m.extend_from_slice(&[0; 20]);
+    s.write_all(&m).unwrap();
+    drop(s);
+    // A huge size: dropped without allocating it.
+    let mut s = raw(&srv.sock);
+    s.write_all(&header(1, 10, u32::MAX, 0)).unwrap();
+    assert!(closed(&mut s));
+    let mut c = client(&srv.sock);
+    assert_eq!(r32(&mut c, 7, 0), 0x000d_1b36);
+}
+
+#[test]
+fn second_client_is_refused_first_keeps_working() {
+    let srv = start();
+    let mut a = client(&srv.sock);
+    let mut b = raw(&srv.sock);
+    b.write_all(&header(1, 4, 16, 0)).unwrap();
+    assert!(closed(&mut b), "second client refused");
+    assert_eq!(r32(&mut a, 7, 0), 0x000d_1b36);
+}
