@@ -264,6 +264,13 @@ impl<C: PciController> Server<C> {
             ConnError::Closed => info!("vfio-user: client disconnected"),
             e => error!("vfio-user: dropping client: {e}"),
         }
+        let signalled = self.irqs.lock().map(|i| i.signalled).unwrap_or(0);
+        info!(
+            "vfio-user: session stats: messages={} region_accesses={} interrupts={}",
+            self.messages, self.region_accesses, signalled
+        );
+        self.messages = 0;
+        self.region_accesses = 0;
         if let Some(s) = self.client.take() {
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
