@@ -74,6 +74,25 @@ impl IrqFds {
         }
     }
 
+    /// Disables vectors `start..start+count` of `index`.
+    pub fn clear_range(&mut self, index: u32, start: u32, count: u32) {
+        let list = match index {
+            IRQ_INTX => {
+                if start == 0 && count > 0 {
+                    self.intx = None;
+                }
+                return;
+            }
+            IRQ_MSI => &mut self.msi,
+            IRQ_MSIX => &mut self.msix,
+            _ => return,
+        };
+        let end = (start as usize).saturating_add(count as usize).min(list.len());
+        for v in list.iter_mut().take(end).skip(start as usize) {
+            *v = None;
+        }
+    }
+
     /// Signals one vector.
     pub fn signal(&mut self, index: u32, vector: u32) {
         let f = match index {
