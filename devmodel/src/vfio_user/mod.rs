@@ -369,7 +369,7 @@ impl<C: PciController> Server<C> {
                     caps.trim_end_matches('\0')
                 );
                 let json = format!(
-                    "{{\"capabilities\":{{\"max_msg_fds\":{MAX_FDS},\"max_data_xfer_size\":{MAX_DATA},\"migration\":{{\"pgsize\":4096}}}}}}"
+                    "{{\"capabilities\":{{\"max_msg_fds\":{MAX_FDS},\"max_data_xfer_size\":{MAX_DATA}}}}}"
                 );
                 let mut p = Vec::new();
                 p.extend_from_slice(&0u16.to_le_bytes());
