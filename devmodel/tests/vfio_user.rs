@@ -236,7 +236,7 @@ fn malformed_messages_get_errors_and_the_stream_stays_in_sync() {
     assert_eq!(err, 0);
     assert_eq!(&body[16..20], &0x000d_1b36u32.to_le_bytes());
     // A header whose size is below the header size: the connection drops.
-    s.write_all(&header(7, 9, 8, 0)).unwrap();
+    let _ = s.write_all(&header(7, 9, 8, 0));
     assert!(closed(&mut s));
     // The server survives and serves the next client.
     let mut c = client(&srv.sock);
@@ -250,10 +250,12 @@ fn truncated_message_and_disconnect_mid_message() {
     let mut m = header(1, 10, 16 + 16 + 64, 0);
     m.extend_from_slice(&[0; 20]);
     s.write_all(&m).unwrap();
-    drop(s);
+    // Half-close mid-message: the server must give up on it and close.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed(&mut s));
     // A huge size: dropped without allocating it.
     let mut s = raw(&srv.sock);
-    s.write_all(&header(1, 10, u32::MAX, 0)).unwrap();
+    let _ = s.write_all(&header(1, 10, u32::MAX, 0));
     assert!(closed(&mut s));
     let mut c = client(&srv.sock);
     assert_eq!(r32(&mut c, 7, 0), 0x000d_1b36);
@@ -264,7 +266,8 @@ fn second_client_is_refused_first_keeps_working() {
     let srv = start();
     let mut a = client(&srv.sock);
     let mut b = raw(&srv.sock);
-    b.write_all(&header(1, 4, 16, 0)).unwrap();
+    // The server may already have closed it: a failed write is fine.
+    let _ = b.write_all(&header(1, 4, 16, 0));
     assert!(closed(&mut b), "second client refused");
     assert_eq!(r32(&mut a, 7, 0), 0x000d_1b36);
 }

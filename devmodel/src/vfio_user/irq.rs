@@ -87,7 +87,9 @@ impl IrqFds {
             IRQ_MSIX => &mut self.msix,
             _ => return,
         };
-        let end = (start as usize).saturating_add(count as usize).min(list.len());
+        let end = (start as usize)
+            .saturating_add(count as usize)
+            .min(list.len());
         for v in list.iter_mut().take(end).skip(start as usize) {
             *v = None;
         }

@@ -193,8 +193,17 @@ impl<C: PciController> Server<C> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServerError::Poll(e)),
             };
-            for ev in events.iter().take(n) {
-                match ev.data() {
+            // Client traffic (including its hang-up) before new
+            // connections, so a client that reconnects is not refused
+            // as a second one.
+            let mut ready: Vec<u64> = events.iter().take(n).map(|e| e.data()).collect();
+            ready.sort_by_key(|t| match *t {
+                TOKEN_CLIENT => 0,
+                TOKEN_WAKER => 1,
+                _ => 2,
+            });
+            for token in ready {
+                match token {
                     TOKEN_LISTENER => self.accept(),
                     TOKEN_WAKER => {
                         let _ = self.waker.read();
