@@ -12,3 +12,5 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 echo "== cargo test"
 cargo test --workspace
+echo "== guest matrix (stock Debian kernels drive our xHCI over vfio-user)"
+tests/guest/run-matrix.sh

@@ -57,8 +57,10 @@ pub fn build_xhci(
     Ok(x)
 }
 
-/// Runs the device model described by `cfg` until the process is killed.
-pub fn run(cfg: &Config) -> anyhow::Result<()> {
+/// Runs the device model described by `cfg` until `stop()` returns true
+/// (checked after every wake-up, at least once a second). The socket is
+/// removed on return.
+pub fn run(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
     let sock = cfg
         .transport
         .socket
@@ -81,7 +83,8 @@ pub fn run(cfg: &Config) -> anyhow::Result<()> {
         "xen-usb-dm: xHCI served over vfio-user on {}",
         socket_display(sock)
     );
-    server.run(|_| false)?;
+    server.run(|_| stop())?;
+    info!("xen-usb-dm: stopping");
     Ok(())
 }
 

@@ -3,7 +3,30 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::Parser;
+
+/// Set by SIGTERM/SIGINT; the event loop checks it after every wake-up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `on_signal` only stores to an atomic, which is
+        // async-signal-safe; the sigaction struct is fully initialised.
+        // No SA_RESTART: epoll_wait returns EINTR and the loop sees STOP.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
 
 /// USB host controller device model (xHCI) for Xen HVM guests and
 /// vfio-user clients such as QEMU.
@@ -31,7 +54,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match devmodel::run(&cfg) {
+    install_signal_handlers();
+    match devmodel::run(&cfg, || STOP.load(Ordering::Relaxed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xen-usb-dm: {e:#}");

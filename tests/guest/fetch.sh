@@ -19,6 +19,7 @@ command -v cpio >/dev/null || need+=(cpio)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v mke2fs >/dev/null || need+=(e2fsprogs)
 command -v depmod >/dev/null || need+=(kmod)
+command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -q >/dev/null

@@ -19,6 +19,8 @@ for b in /sbin/mke2fs /sbin/e2fsck; do
   done
 done
 ln -sf mke2fs "$R/sbin/mkfs.ext4"; ln -sf e2fsck "$R/sbin/fsck.ext4"
+# The kernel asks /sbin/modprobe for modules (crc32c for ext4).
+ln -sf /bin/busybox "$R/sbin/modprobe"
 # Modules: the subtrees USB storage and ext4 need, decompressed so that
 # busybox modprobe can load them.
 M=$KDIR/lib/modules/$VER

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The guest matrix: for each kernel (Debian 12's 6.1 and trixie's 6.12),
+# boot a stock kernel whose xhci_hcd + usb-storage drive our controller
+# over vfio-user, run the storage checks, then verify on the host that the
+# image file holds exactly what the guest wrote; then a read-only stick.
+# Guest boots run one at a time.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+eval "$("$HERE/fetch.sh")"
+(cd "$ROOT" && cargo build --release -q -p devmodel)
+DM=$ROOT/target/release/xen-usb-dm
+STICK=$((256 << 20))
+fail=0
+
+serve() { # $1 dir, $2 readonly -> starts the server, sets DM_PID
+  cat > "$1/xen-dm.toml" <<CFG
+[controller]
+model = "xhci"
+[transport]
+kind = "vfio-user"
+socket = "$1/dm.sock"
+[[device]]
+kind = "storage"
+image = "stick.img"
+readonly = $2
+CFG
+  "$DM" --config "$1/xen-dm.toml" > "$1/dm.log" 2>&1 &
+  DM_PID=$!
+  for _ in $(seq 100); do [ -S "$1/dm.sock" ] && return 0; sleep 0.05; done
+  echo "matrix: server did not start"; cat "$1/dm.log"; return 1
+}
+stop() { kill "$DM_PID" 2>/dev/null || true; wait "$DM_PID" 2>/dev/null || true; }
+dev() { echo "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$1/dm.sock\"}}"; }
+
+for K in $KERNELS; do
+  W=$(mktemp -d)
+  truncate -s $STICK "$W/stick.img"
+  serve "$W" false
+  t=$(date +%s)
+  if APPEND="stick_bytes=$STICK" "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(dev "$W")"; then
+    st=PASS
+  else
+    st=FAIL; fail=1
+  fi
+  stop
+  grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K] /" || true
+  # Host-side check: the image holds the guest's data (nothing lost).
+  read -r _ off len sum < <(grep '^HOSTCHECK' "$W/guest.log" || echo "HOSTCHECK 0 0 none")
+  got=$(dd if="$W/stick.img" bs=1M skip=$((off >> 20)) count=$((len >> 20)) 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [ "$sum" != none ] && [ "$got" = "$sum" ]; then echo "  [$K] RESULT host_image PASS $got"
+  else echo "  [$K] RESULT host_image FAIL image $got guest $sum"; fail=1; fi
+  echo "matrix: $K read-write: $st ($(( $(date +%s) - t )) s)"
+  [ $st = PASS ] || { tail -40 "$W/guest.log"; tail -20 "$W/dm.log"; }
+
+  # Read-only stick with known contents.
+  dd if=/dev/urandom of="$W/stick.img" bs=1M count=4 conv=notrunc 2>/dev/null
+  before=$(sha256sum < "$W/stick.img")
+  serve "$W" true
+  t=$(date +%s)
+  if APPEND="stick_bytes=$STICK stick_ro=1" "$HERE/boot.sh" "$K" "$W/guest-ro.log" -device "$(dev "$W")"; then
+    st=PASS
+  else
+    st=FAIL; fail=1
+  fi
+  stop
+  grep -E '^RESULT' "$W/guest-ro.log" | sed "s/^/  [$K ro] /" || true
+  if [ "$(sha256sum < "$W/stick.img")" = "$before" ]; then echo "  [$K ro] RESULT host_unchanged PASS"
+  else echo "  [$K ro] RESULT host_unchanged FAIL"; fail=1; fi
+  echo "matrix: $K read-only: $st ($(( $(date +%s) - t )) s)"
+  [ $st = PASS ] || { tail -40 "$W/guest-ro.log"; tail -20 "$W/dm.log"; }
+  rm -rf "$W"
+done
+[ $fail = 0 ] && echo "matrix: all passed" || echo "matrix: FAILED"
+exit $fail
