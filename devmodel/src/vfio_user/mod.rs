@@ -275,8 +275,11 @@ impl<C: PciController> Server<C> {
         }
         let signalled = self.irqs.lock().map(|i| i.signalled).unwrap_or(0);
         info!(
-            "vfio-user: session stats: messages={} region_accesses={} interrupts={}",
-            self.messages, self.region_accesses, signalled
+            "vfio-user: session stats: messages={} region_accesses={} interrupts={} {}",
+            self.messages,
+            self.region_accesses,
+            signalled,
+            self.pci.controller().summary()
         );
         self.messages = 0;
         self.region_accesses = 0;
@@ -358,7 +361,10 @@ impl<C: PciController> Server<C> {
         }
         let out = match reply {
             Ok(payload) => encode_reply(&h, 0, &payload),
-            Err(errno) => encode_reply(&h, errno, &[]),
+            Err(errno) => {
+                debug!("vfio-user: command {} failed: errno {errno}", h.command);
+                encode_reply(&h, errno, &[])
+            }
         };
         let mut w = stream;
         w.write_all(&out)?;
@@ -608,8 +614,14 @@ impl<C: PciController> Server<C> {
         if action.count_ones() != 1 || data.count_ones() != 1 || index > IRQ_REQ {
             return Err(libc::EINVAL as u32);
         }
+        debug!("vfio-user: SET_IRQS request index {index} start {start} count {count} flags {flags:#x} fds {}", fds.len());
         let mut irqs = self.irqs.lock().map_err(|_| libc::EIO as u32)?;
         match (action, data) {
+            // QEMU sends runs of "no eventfd" (-1) as a message with
+            // DATA_EVENTFD, a count and no descriptors: those vectors go.
+            (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD) if fds.is_empty() => {
+                irqs.clear_range(index, start, count)
+            }
             (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD) => {
                 if fds.len() != count as usize {
                     return Err(libc::EINVAL as u32);

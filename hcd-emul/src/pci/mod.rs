@@ -144,4 +144,8 @@ pub trait PciController: Send + std::fmt::Debug {
     fn next_deadline(&self) -> Option<std::time::Instant> {
         None
     }
+    /// A one-line summary of the work done so far, for logs.
+    fn summary(&self) -> String {
+        String::new()
+    }
 }

@@ -109,6 +109,21 @@ impl Slot {
     }
 }
 
+/// Work counters (diagnostics, benchmarks); never reset by the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XhciStats {
+    /// TDs handed to devices.
+    pub tds: u64,
+    /// Transfer TRBs in those TDs.
+    pub trbs: u64,
+    /// Guest-memory segments in those TDs (after merging contiguous ones).
+    pub segments: u64,
+    /// Bytes requested by those TDs.
+    pub bytes: u64,
+    /// Events written.
+    pub events: u64,
+}
+
 /// The xHCI controller.
 #[derive(Debug)]
 pub struct Xhci {
@@ -129,6 +144,8 @@ pub struct Xhci {
     inflight: HashMap<TransferId, (usize, usize)>,
     next_id: u64,
     bus_master: bool,
+    /// Counters for diagnostics and benchmarks.
+    stats: XhciStats,
     run_start: Instant,
 }
 
@@ -160,6 +177,7 @@ impl Xhci {
             inflight: HashMap::new(),
             next_id: 1,
             bus_master: true,
+            stats: XhciStats::default(),
             run_start: Instant::now(),
         };
         x.hc_reset();
@@ -179,6 +197,11 @@ impl Xhci {
     /// Transfers handed to devices and not yet reported (for leak checks).
     pub fn transfers_in_flight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Work counters.
+    pub fn stats(&self) -> XhciStats {
+        self.stats
     }
 
     /// Whether the controller is halted (USBSTS.HCH).
@@ -237,6 +260,7 @@ impl Xhci {
         let intr = if intr < MAX_INTRS { intr } else { 0 };
         match self.intrs[intr].write_event(&self.ram, trb) {
             Ok(()) => {
+                self.stats.events += 1;
                 if !block_interrupt {
                     self.intrs[intr].owe_interrupt();
                 }
@@ -640,5 +664,13 @@ impl PciController for Xhci {
 
     fn next_deadline(&self) -> Option<Instant> {
         self.intrs.iter().filter_map(|i| i.deadline()).min()
+    }
+
+    fn summary(&self) -> String {
+        let s = self.stats;
+        format!(
+            "xhci: tds={} trbs={} segments={} bytes={} events={}",
+            s.tds, s.trbs, s.segments, s.bytes, s.events
+        )
     }
 }

@@ -179,10 +179,19 @@ impl Xhci {
                         if !self.ram.is_mapped(trb.parameter, len) {
                             return self.bad_td(s, dci, *addr, cc::USB_TRANSACTION_ERROR, after);
                         }
-                        segments.push(Segment::Guest {
-                            addr: trb.parameter,
-                            len,
-                        });
+                        // Buffers that continue the previous one in guest
+                        // memory become one segment (one file I/O call).
+                        match segments.last_mut() {
+                            Some(Segment::Guest { addr: a, len: l })
+                                if a.checked_add(*l as u64) == Some(trb.parameter) =>
+                            {
+                                *l += len
+                            }
+                            _ => segments.push(Segment::Guest {
+                                addr: trb.parameter,
+                                len,
+                            }),
+                        }
                     }
                 }
                 _ => {}
@@ -233,6 +242,10 @@ impl Xhci {
         } else {
             Vec::new()
         };
+        self.stats.tds += 1;
+        self.stats.trbs += trbs.len() as u64;
+        self.stats.segments += segments.len() as u64;
+        self.stats.bytes += total as u64;
         let id = self.alloc_id();
         let (xfer, handle) = Transfer::new(
             id,
