@@ -2,15 +2,20 @@
 # mkinitrd.sh KERNEL_DIR VERSION OUT GUEST_SCRIPT
 # A busybox initramfs with the kernel's USB/SCSI/ext4 modules (decompressed,
 # depmod'ed), e2fsprogs from the host, and /init running GUEST_SCRIPT then
-# powering off.
+# powering off. Env: BUSYBOX = a static busybox (default /bin/busybox;
+# fetch.sh caches bookworm's busybox-static and prints its path).
 set -euo pipefail
 KDIR=$1 VER=$2 OUT=$3 SCRIPT=$4
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 R=$W/root
 mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,lib64,usr/lib/x86_64-linux-gnu}
-cp /bin/busybox "$R/bin/busybox"
-for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"; done
+BB=${BUSYBOX:-/bin/busybox}
+if ldd "$BB" >/dev/null 2>&1; then  # ldd fails on a static binary
+  echo "mkinitrd: $BB is not statically linked" >&2; exit 1
+fi
+cp "$BB" "$R/bin/busybox"
+for a in $("$BB" --list); do [ "$a" = busybox ] || ln -sf busybox "$R/bin/$a"; done
 # e2fsprogs (busybox has no ext4 mkfs/fsck) with their libraries.
 for b in /sbin/mke2fs /sbin/e2fsck; do
   cp "$b" "$R/sbin/"
@@ -44,6 +49,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 echo "GUEST-START $(uname -r)"
+echo "METRIC userspace_ms $(awk '{printf "%d", $1*1000}' /proc/uptime)"
 sh /guest.sh 2>&1
 echo "GUEST-DONE"
 sync
