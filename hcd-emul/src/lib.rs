@@ -14,7 +14,7 @@ pub mod mem;
 pub mod storage;
 pub mod usb;
 
-pub use mem::{DmaError, GuestRam};
+pub use mem::{DmaError, FileCursor, GuestRam};
 pub use storage::{StorageError, UsbStorage};
 pub mod pci;
 pub mod xhci;

@@ -164,22 +164,31 @@ impl GuestRam {
         file: &File,
         file_off: u64,
     ) -> Result<(), DmaError> {
+        self.fill_from(addr, len, &mut FileCursor::new(file, file_off))
+    }
+
+    /// Like [`GuestRam::fill_from_file`], reading at the cursor and moving
+    /// it: consecutive calls on one cursor cost one `read` each (no seek).
+    pub fn fill_from(
+        &self,
+        addr: u64,
+        len: usize,
+        src: &mut FileCursor<'_>,
+    ) -> Result<(), DmaError> {
         Self::check(addr, len)?;
         if !self.is_mapped(addr, len) {
             return Err(DmaError::Unmapped { addr, len });
         }
         let mem = self.inner.memory();
-        let mut src = PositionedFile {
-            file,
-            off: file_off,
-        };
         let mut done = 0;
         while done < len {
             let a = GuestAddress(addr + done as u64);
-            match mem.read_volatile_from(a, &mut src, len - done) {
+            match mem.read_volatile_from(a, src, len - done) {
                 Ok(0) => {
                     mem.write_slice(&vec![0u8; len - done], a)
                         .map_err(|_| DmaError::Io)?;
+                    src.off += (len - done) as u64;
+                    src.os_pos = None;
                     break;
                 }
                 Ok(n) => done += n,
@@ -198,53 +207,89 @@ impl GuestRam {
         file: &File,
         file_off: u64,
     ) -> Result<(), DmaError> {
+        self.drain_to(addr, len, &mut FileCursor::new(file, file_off))
+    }
+
+    /// Like [`GuestRam::drain_to_file`], writing at the cursor and moving it.
+    pub fn drain_to(
+        &self,
+        addr: u64,
+        len: usize,
+        dst: &mut FileCursor<'_>,
+    ) -> Result<(), DmaError> {
         Self::check(addr, len)?;
         if !self.is_mapped(addr, len) {
             return Err(DmaError::Unmapped { addr, len });
         }
         let mem = self.inner.memory();
-        let mut dst = PositionedFile {
-            file,
-            off: file_off,
-        };
-        mem.write_all_volatile_to(GuestAddress(addr), &mut dst, len)
+        mem.write_all_volatile_to(GuestAddress(addr), dst, len)
             .map_err(|_| DmaError::Io)
     }
 }
 
-/// A file with its own position, so reads and writes are `pread`/`pwrite`
-/// and never disturb another user of the same descriptor.
-struct PositionedFile<'a> {
+/// A position in a file for DMA to and from guest memory. It seeks only
+/// when the descriptor's offset is not already where the next access
+/// starts, so a transfer spread over many guest segments costs one
+/// `read`/`write` per segment. The device owns the descriptor: nothing else
+/// may move its offset meanwhile.
+#[derive(Debug)]
+pub struct FileCursor<'a> {
     file: &'a File,
     off: u64,
+    os_pos: Option<u64>,
 }
 
-impl ReadVolatile for PositionedFile<'_> {
+impl<'a> FileCursor<'a> {
+    /// A cursor at `off` (the descriptor's own offset is not trusted).
+    pub fn new(file: &'a File, off: u64) -> Self {
+        Self {
+            file,
+            off,
+            os_pos: None,
+        }
+    }
+
+    /// Moves the cursor.
+    pub fn set_offset(&mut self, off: u64) {
+        self.off = off;
+    }
+
+    fn seek(&mut self) -> Result<(), vm_memory::VolatileMemoryError> {
+        use std::io::{Seek, SeekFrom};
+        if self.os_pos != Some(self.off) {
+            let mut f = self.file;
+            f.seek(SeekFrom::Start(self.off))
+                .map_err(vm_memory::VolatileMemoryError::IOError)?;
+            self.os_pos = Some(self.off);
+        }
+        Ok(())
+    }
+}
+
+impl ReadVolatile for FileCursor<'_> {
     fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         buf: &mut vm_memory::VolatileSlice<B>,
     ) -> Result<usize, vm_memory::VolatileMemoryError> {
-        use std::io::{Seek, SeekFrom};
+        self.seek()?;
         let mut f = self.file;
-        f.seek(SeekFrom::Start(self.off))
-            .map_err(vm_memory::VolatileMemoryError::IOError)?;
-        let n = f.read_volatile(buf)?;
+        let n = f.read_volatile(buf).inspect_err(|_| self.os_pos = None)?;
         self.off += n as u64;
+        self.os_pos = Some(self.off);
         Ok(n)
     }
 }
 
-impl WriteVolatile for PositionedFile<'_> {
+impl WriteVolatile for FileCursor<'_> {
     fn write_volatile<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         buf: &vm_memory::VolatileSlice<B>,
     ) -> Result<usize, vm_memory::VolatileMemoryError> {
-        use std::io::{Seek, SeekFrom};
+        self.seek()?;
         let mut f = self.file;
-        f.seek(SeekFrom::Start(self.off))
-            .map_err(vm_memory::VolatileMemoryError::IOError)?;
-        let n = f.write_volatile(buf)?;
+        let n = f.write_volatile(buf).inspect_err(|_| self.os_pos = None)?;
         self.off += n as u64;
+        self.os_pos = Some(self.off);
         Ok(n)
     }
 }

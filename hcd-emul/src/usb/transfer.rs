@@ -15,7 +15,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Direction, SetupPacket};
-use crate::mem::{DmaError, GuestRam};
+use crate::mem::{DmaError, FileCursor, GuestRam};
 
 /// Identifies a transfer within one controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -381,9 +381,11 @@ impl Transfer {
         file_off: u64,
     ) -> Result<usize, DmaError> {
         let ram = &self.ram;
+        let mut cur = FileCursor::new(file, file_off);
         self.for_range(offset, len, |seg, so, doff, n| match seg {
             Segment::Guest { addr, .. } => {
-                ram.fill_from_file(*addr + so as u64, n, file, file_off + doff as u64)
+                cur.set_offset(file_off + doff as u64);
+                ram.fill_from(*addr + so as u64, n, &mut cur)
             }
             Segment::Inline(_) => Ok(()),
         })
@@ -400,9 +402,11 @@ impl Transfer {
     ) -> Result<usize, DmaError> {
         use std::os::unix::fs::FileExt;
         let ram = &self.ram;
+        let mut cur = FileCursor::new(file, file_off);
         self.for_range(offset, len, |seg, so, doff, n| match seg {
             Segment::Guest { addr, .. } => {
-                ram.drain_to_file(*addr + so as u64, n, file, file_off + doff as u64)
+                cur.set_offset(file_off + doff as u64);
+                ram.drain_to(*addr + so as u64, n, &mut cur)
             }
             Segment::Inline(v) => file
                 .write_all_at(&v[so..so + n], file_off + doff as u64)
