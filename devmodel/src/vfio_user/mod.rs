@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vmm_sys_util::timerfd::TimerFd;
 
 use dma::DmaMap;
 pub use irq::IrqFds;
@@ -50,6 +51,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_WAKER: u64 = 1;
 const TOKEN_CLIENT: u64 = 2;
+const TOKEN_TIMER: u64 = 3;
 
 /// Errors that end the server.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,10 @@ pub struct Server<C: PciController> {
     dma: DmaMap,
     irqs: Arc<Mutex<IrqFds>>,
     waker: EventFd,
+    /// Fires at the controller's next deadline (interrupt moderation is in
+    /// tens of microseconds: epoll's millisecond timeout is too coarse).
+    timer: TimerFd,
+    armed_for: Option<Instant>,
     client: Option<UnixStream>,
     epoll: Epoll,
     /// Messages handled (for statistics).
@@ -132,7 +138,16 @@ impl<C: PciController> Server<C> {
         );
         let irqs = Arc::new(Mutex::new(IrqFds::default()));
         let pci = PciFunction::new(controller, Box::new(VfioIrqTransport::new(irqs.clone())));
+        let timer = TimerFd::new()
+            .map_err(|e| ServerError::Poll(std::io::Error::from_raw_os_error(e.errno())))?;
         let epoll = Epoll::new().map_err(ServerError::Poll)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+            )
+            .map_err(ServerError::Poll)?;
         epoll
             .ctl(
                 ControlOperation::Add,
@@ -155,6 +170,8 @@ impl<C: PciController> Server<C> {
             dma: DmaMap::default(),
             irqs,
             waker,
+            timer,
+            armed_for: None,
             client: None,
             epoll,
             messages: 0,
@@ -175,19 +192,8 @@ impl<C: PciController> Server<C> {
             if stop(self) {
                 return Ok(());
             }
-            let timeout = match self.pci.next_deadline() {
-                None => 1000,
-                Some(t) => {
-                    let now = Instant::now();
-                    if t <= now {
-                        0
-                    } else {
-                        i32::try_from((t - now).as_millis() + 1)
-                            .unwrap_or(1000)
-                            .min(1000)
-                    }
-                }
-            };
+            self.arm_timer();
+            let timeout = 1000;
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -209,6 +215,11 @@ impl<C: PciController> Server<C> {
                         let _ = self.waker.read();
                         self.pci.process();
                     }
+                    TOKEN_TIMER => {
+                        let _ = self.timer.wait();
+                        self.armed_for = None;
+                        self.pci.process();
+                    }
                     _ => {
                         if let Err(e) = self.serve_one() {
                             self.disconnect(&e);
@@ -224,6 +235,26 @@ impl<C: PciController> Server<C> {
                 self.pci.process();
             }
         }
+    }
+
+    /// Arms the timer for the controller's next deadline, if it changed.
+    fn arm_timer(&mut self) {
+        let deadline = self.pci.next_deadline();
+        if deadline == self.armed_for {
+            return;
+        }
+        let r = match deadline {
+            Some(t) => {
+                let d = t.saturating_duration_since(Instant::now());
+                // A zero duration would disarm a timerfd.
+                self.timer.reset(d.max(Duration::from_nanos(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = r {
+            warn!("vfio-user: timer: {e}");
+        }
+        self.armed_for = deadline;
     }
 
     fn accept(&mut self) {
