@@ -15,7 +15,7 @@ STICK=$((256 << 20))
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
 truncate -s $STICK "$W/stick.img"
 
-metric() { grep "^METRIC $1 " "$2" | awk '{print $3}' | sort -n | head -1; }  # best of runs
+metric() { grep "^METRIC $1 " "$2" | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }  # median of runs
 accesses() { grep -o 'region_accesses=[0-9]*' "$1" | tail -1 | cut -d= -f2; }
 
 ours() { # $1 mode -> guest log $W/ours-$1.log, server log $W/dm-$1.log

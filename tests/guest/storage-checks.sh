@@ -30,7 +30,7 @@ SIZE=$(blockdev --getsize64 /dev/sda)
 [ "$MODE" = enum ] && exit 0
 
 if [ "$MODE" = bench ]; then
-  for i in 1 2; do
+  for i in 1 2 3 4 5; do
     t=$(now_ms); dd if=/dev/zero of=/dev/sda bs=1M count=128 oflag=direct 2>/dev/null; w=$(( $(now_ms) - t ))
     t=$(now_ms); dd if=/dev/sda of=/dev/null bs=1M count=128 iflag=direct 2>/dev/null; r=$(( $(now_ms) - t ))
     echo "METRIC write_ms $w"; echo "METRIC read_ms $r"

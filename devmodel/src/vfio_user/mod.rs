@@ -190,6 +190,14 @@ impl<C: PciController> Server<C> {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             if stop(self) {
+                if self.client.is_some() {
+                    // Process whatever the client still sent (its hang-up
+                    // among it), then let it go: stats logged, device reset.
+                    let _ = self.serve_pending();
+                    if self.client.is_some() {
+                        self.disconnect(&ConnError::Closed);
+                    }
+                }
                 return Ok(());
             }
             self.arm_timer();
@@ -235,6 +243,18 @@ impl<C: PciController> Server<C> {
                 self.pci.process();
             }
         }
+    }
+
+    /// Serves messages already waiting on the client socket.
+    fn serve_pending(&mut self) -> Result<(), ServerError> {
+        let mut events = vec![EpollEvent::default(); 8];
+        let n = self.epoll.wait(0, &mut events).map_err(ServerError::Poll)?;
+        if events.iter().take(n).any(|e| e.data() == TOKEN_CLIENT) {
+            if let Err(e) = self.serve_one() {
+                self.disconnect(&e);
+            }
+        }
+        Ok(())
     }
 
     /// Arms the timer for the controller's next deadline, if it changed.
@@ -435,7 +455,12 @@ impl<C: PciController> Server<C> {
                 }
                 let f = fds.pop();
                 if f.is_none() {
-                    warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
+                    // ROM shadows come without descriptors; RAM must not.
+                    if size >= 1 << 20 {
+                        warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
+                    } else {
+                        debug!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor (not accessible)");
+                    }
                 }
                 match self.dma.map(addr, size, f, offset) {
                     Ok(()) => {
