@@ -58,5 +58,5 @@ print(f"| write 128 MiB, O_DIRECT bs=1M | {mibps(ow):.1f} MiB/s ({ow} ms) | {mib
 print(f"| read 128 MiB, O_DIRECT bs=1M | {mibps(orr):.1f} MiB/s ({orr} ms) | {mibps(qr):.1f} MiB/s ({qr} ms) | {qr/orr:.2f} |")
 print(f"| module load -> /dev/sda | {osda} ms | {qsda} ms | |")
 print(f"| register accesses, enumeration | {ae} | | |")
-print(f"| register accesses per MiB of I/O | {(ab-ae)/512:.1f} | | |")
+print(f"| register accesses per MiB of I/O | {(ab-ae)/1280:.1f} | | |")
 PY
