@@ -36,7 +36,7 @@ APPEND="stick_bytes=$((256 << 20)) mode=demo" tests/guest/boot.sh "$K" "$W/guest
   -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$W/dm.sock\"}}" || rc=$?
 kill $DM_PID; wait $DM_PID 2>/dev/null || true
 echo "== guest kernel log (USB)"
-sed -n '/--- guest kernel log/,/GUEST-DONE/p' "$W/guest.log" | grep -v -e '^---' -e GUEST-DONE | head -25
+sed -n '/--- guest kernel log/,/GUEST-DONE/p' "$W/guest.log" | grep -v -e '^---' -e GUEST-DONE | head -30
 echo "== guest checks"
 grep -E '^(RESULT|METRIC)' "$W/guest.log" || true
 read -r _ off len sum < <(grep '^HOSTCHECK' "$W/guest.log" || echo "HOSTCHECK 0 0 none")

@@ -108,5 +108,5 @@ if [ -n "$PCI" ]; then
 fi
 if [ "$MODE" = demo ]; then
   echo "--- guest kernel log (USB) ---"
-  dmesg | grep -iE 'xhci|usb|scsi|sd ' | head -40
+  dmesg | grep -E 'xhci_hcd 0|usb [0-9]-[0-9]|usb-storage [0-9]|scsi [0-9]|sd [0-9]' | head -30
 fi
