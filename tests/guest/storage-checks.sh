@@ -24,6 +24,9 @@ else
 fi
 PCI=$(ls /sys/bus/pci/drivers/xhci_hcd/ | grep '^0000:' | head -1)
 [ -n "$PCI" ] && res xhci_bound PASS "$PCI" || res xhci_bound FAIL "xhci_hcd not bound"
+# The controller interrupts through MSI-X (INTx would be a silent fallback).
+if grep xhci_hcd /proc/interrupts | grep -q MSIX; then res msix PASS "$(grep xhci_hcd /proc/interrupts | awk '{print $1}' | tr -d '\n')"
+else res msix FAIL "$(grep xhci_hcd /proc/interrupts | tr -s ' ' | head -1)"; fi
 SIZE=$(blockdev --getsize64 /dev/sda)
 [ "$SIZE" = "$BYTES" ] && res size PASS "$SIZE" || res size FAIL "got $SIZE want $BYTES"
 
