@@ -12,6 +12,11 @@ eval "$("$HERE/fetch.sh")"
 DM=$ROOT/target/release/xen-usb-dm
 STICK=$((256 << 20))
 fail=0
+passed=0 failed=0
+count() { # $1 = log with RESULT lines (guest or host side)
+  passed=$((passed + $(grep -c 'RESULT .* PASS' "$1" || true)))
+  failed=$((failed + $(grep -c 'RESULT .* FAIL' "$1" || true)))
+}
 
 serve() { # $1 dir, $2 readonly -> starts the server, sets DM_PID
   cat > "$1/xen-dm.toml" <<CFG
@@ -48,8 +53,9 @@ for K in $KERNELS; do
   # Host-side check: the image holds the guest's data (nothing lost).
   read -r _ off len sum < <(grep '^HOSTCHECK' "$W/guest.log" || echo "HOSTCHECK 0 0 none")
   got=$(dd if="$W/stick.img" bs=1M skip=$((off >> 20)) count=$((len >> 20)) 2>/dev/null | sha256sum | cut -d' ' -f1)
-  if [ "$sum" != none ] && [ "$got" = "$sum" ]; then echo "  [$K] RESULT host_image PASS $got"
-  else echo "  [$K] RESULT host_image FAIL image $got guest $sum"; fail=1; fi
+  if [ "$sum" != none ] && [ "$got" = "$sum" ]; then echo "  [$K] RESULT host_image PASS $got"; passed=$((passed + 1))
+  else echo "  [$K] RESULT host_image FAIL image $got guest $sum"; fail=1; failed=$((failed + 1)); fi
+  count "$W/guest.log"
   echo "matrix: $K read-write: $st ($(( $(date +%s) - t )) s)"
   [ $st = PASS ] || { tail -40 "$W/guest.log"; tail -20 "$W/dm.log"; }
 
@@ -65,11 +71,13 @@ for K in $KERNELS; do
   fi
   stop
   grep -E '^RESULT' "$W/guest-ro.log" | sed "s/^/  [$K ro] /" || true
-  if [ "$(sha256sum < "$W/stick.img")" = "$before" ]; then echo "  [$K ro] RESULT host_unchanged PASS"
-  else echo "  [$K ro] RESULT host_unchanged FAIL"; fail=1; fi
+  if [ "$(sha256sum < "$W/stick.img")" = "$before" ]; then echo "  [$K ro] RESULT host_unchanged PASS"; passed=$((passed + 1))
+  else echo "  [$K ro] RESULT host_unchanged FAIL"; fail=1; failed=$((failed + 1)); fi
+  count "$W/guest-ro.log"
   echo "matrix: $K read-only: $st ($(( $(date +%s) - t )) s)"
   [ $st = PASS ] || { tail -40 "$W/guest-ro.log"; tail -20 "$W/dm.log"; }
   rm -rf "$W"
 done
 [ $fail = 0 ] && echo "matrix: all passed" || echo "matrix: FAILED"
+echo "matrix: $passed passed, $failed failed"
 exit $fail
