@@ -44,7 +44,10 @@ impl Xhci {
             }
         }
         let mut budget = limits::TRBS_PER_KICK;
-        while self.slots[s].eps[dci].inflight.len() < limits::TDS_IN_FLIGHT && budget > 0 {
+        while self.slots[s].eps[dci].state == EpState::Running
+            && self.slots[s].eps[dci].inflight.len() < limits::TDS_IN_FLIGHT
+            && budget > 0
+        {
             let pos = self.slots[s].eps[dci].ring;
             let control = self.slots[s].eps[dci].ep_type == ep_type::CONTROL;
             let fetched = if control {
@@ -59,12 +62,7 @@ impl Xhci {
                     return;
                 }
                 Fetch::Bad(code, addr) => {
-                    guest_warn!(target: "xhci::transfer", "slot {s} ep {dci}: malformed TD at {addr:#x}");
-                    // Let TDs already in flight report first.
-                    self.process_completions();
-                    let intr = self.slots[s].intr;
-                    self.transfer_event(s, dci, intr, addr, code, 0, false, false);
-                    self.halt_endpoint(s, dci);
+                    self.reject_td(s, dci, addr, code, None);
                     return;
                 }
                 Fetch::Td(trbs, after) => {
@@ -76,15 +74,23 @@ impl Xhci {
         self.process_completions();
     }
 
+    /// The next TRB, or the outcome a fetch ends with when there is none.
+    fn next_trb(&self, pos: RingPos) -> Result<(u64, Trb, RingPos), Fetch> {
+        match pos.next(&self.ram) {
+            Ok(Some(x)) => Ok(x),
+            Ok(None) => Err(Fetch::NotReady),
+            Err(RingError::Dma(_)) => Err(Fetch::Dma),
+            Err(RingError::LinkLoop(a)) => Err(Fetch::Bad(cc::TRB_ERROR, a)),
+        }
+    }
+
     fn fetch_td(&self, start: RingPos) -> Fetch {
         let mut pos = start;
         let mut trbs = Vec::new();
         loop {
-            let (addr, trb, after) = match pos.next(&self.ram) {
-                Ok(Some(x)) => x,
-                Ok(None) => return Fetch::NotReady,
-                Err(RingError::Dma(_)) => return Fetch::Dma,
-                Err(RingError::LinkLoop(a)) => return Fetch::Bad(cc::TRB_ERROR, a),
+            let (addr, trb, after) = match self.next_trb(pos) {
+                Ok(x) => x,
+                Err(f) => return f,
             };
             match trb.trb_type() {
                 ty::NORMAL | ty::ISOCH | ty::EVENT_DATA | ty::NOOP => {}
@@ -110,11 +116,9 @@ impl Xhci {
         let mut stage = 0;
         let mut in_chain = false;
         loop {
-            let (addr, trb, after) = match pos.next(&self.ram) {
-                Ok(Some(x)) => x,
-                Ok(None) => return Fetch::NotReady,
-                Err(RingError::Dma(_)) => return Fetch::Dma,
-                Err(RingError::LinkLoop(a)) => return Fetch::Bad(cc::TRB_ERROR, a),
+            let (addr, trb, after) = match self.next_trb(pos) {
+                Ok(x) => x,
+                Err(f) => return f,
             };
             pos = after;
             let t = trb.trb_type();
@@ -172,12 +176,18 @@ impl Xhci {
                     let len = trb.transfer_len() as usize;
                     if trb.has(ctl::IDT) {
                         if len > 8 {
-                            return self.bad_td(s, dci, *addr, cc::TRB_ERROR, after);
+                            return self.reject_td(s, dci, *addr, cc::TRB_ERROR, Some(after));
                         }
                         segments.push(Segment::Inline(trb.parameter.to_le_bytes()[..len].to_vec()));
                     } else if len > 0 {
                         if !self.ram.is_mapped(trb.parameter, len) {
-                            return self.bad_td(s, dci, *addr, cc::USB_TRANSACTION_ERROR, after);
+                            return self.reject_td(
+                                s,
+                                dci,
+                                *addr,
+                                cc::USB_TRANSACTION_ERROR,
+                                Some(after),
+                            );
                         }
                         // Buffers that continue the previous one in guest
                         // memory become one segment (one file I/O call).
@@ -210,7 +220,7 @@ impl Xhci {
                     Some(din) => (trt == 3) == din && din == (dir == Direction::In) && trt != 0,
                 };
                 if !consistent {
-                    return self.bad_td(s, dci, trbs[0].0, cc::TRB_ERROR, after);
+                    return self.reject_td(s, dci, trbs[0].0, cc::TRB_ERROR, Some(after));
                 }
                 (TransferKind::Control(sp), dir)
             }
@@ -225,7 +235,7 @@ impl Xhci {
         }
         if direction == Direction::In && segments.iter().any(|x| matches!(x, Segment::Inline(_))) {
             // Immediate data is only defined for OUT.
-            return self.bad_td(s, dci, trbs[0].0, cc::TRB_ERROR, after);
+            return self.reject_td(s, dci, trbs[0].0, cc::TRB_ERROR, Some(after));
         }
         let total: usize = trbs
             .iter()
@@ -306,14 +316,18 @@ impl Xhci {
         self.retire(s, dci);
     }
 
-    /// A TD that parsed but cannot be executed: report, halt, and leave the
-    /// ring past it so a Reset Endpoint + doorbell resumes after it.
-    fn bad_td(&mut self, s: usize, dci: usize, addr: u64, code: u32, after: RingPos) {
+    /// A TD that cannot be executed: TDs already in flight report first,
+    /// then the error event at TRB `addr`, and the endpoint halts. A TD that
+    /// parsed but is unusable is skipped (`resume` past it); a malformed one
+    /// leaves the ring at its start.
+    fn reject_td(&mut self, s: usize, dci: usize, addr: u64, code: u32, resume: Option<RingPos>) {
         guest_warn!(target: "xhci::transfer", "slot {s} ep {dci}: TD at {addr:#x} rejected (completion code {code})");
         self.process_completions();
         let intr = self.slots[s].intr;
         self.transfer_event(s, dci, intr, addr, code, 0, false, false);
-        self.slots[s].eps[dci].ring = after;
+        if let Some(after) = resume {
+            self.slots[s].eps[dci].ring = after;
+        }
         self.halt_endpoint(s, dci);
     }
 
