@@ -14,27 +14,16 @@ cargo build --release -q -p devmodel
 echo "== fetching QEMU and a stock Debian kernel (cached)"
 eval "$(tests/guest/fetch.sh)"
 K=${KERNELS%% *}
-W=$(mktemp -d); trap 'kill $DM_PID 2>/dev/null || true; rm -rf "$W"' EXIT
+W=$(mktemp -d); trap 'kill ${DM_PID:-} 2>/dev/null || true; rm -rf "$W"' EXIT
 truncate -s 256M "$W/stick.img"
-cat > "$W/xen-dm.toml" <<CFG
-[controller]
-model = "xhci"
-[transport]
-kind = "vfio-user"
-socket = "$W/dm.sock"
-[[device]]
-kind = "storage"
-image = "stick.img"
-CFG
+. tests/guest/lib.sh
 echo "== starting: xen-usb-dm --config $W/xen-dm.toml"
-target/release/xen-usb-dm --config "$W/xen-dm.toml" 2> "$W/dm.log" &
-DM_PID=$!
-for _ in $(seq 100); do [ -S "$W/dm.sock" ] && break; sleep 0.05; done
+start_dm target/release/xen-usb-dm "$W" false "$W/dm.log"
 echo "== booting Debian kernel $K under QEMU $QEMU_VERSION (TCG, about a minute)"
 rc=0
 APPEND="stick_bytes=$((256 << 20)) mode=demo" tests/guest/boot.sh "$K" "$W/guest.log" \
-  -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$W/dm.sock\"}}" || rc=$?
-kill $DM_PID; wait $DM_PID 2>/dev/null || true
+  -device "$(vfio_dev "$W")" || rc=$?
+stop_dm
 echo "== guest kernel log (USB)"
 sed -n '/--- guest kernel log/,/GUEST-DONE/p' "$W/guest.log" | grep -v -e '^---' -e GUEST-DONE | head -30
 echo "== guest checks"

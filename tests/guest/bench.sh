@@ -7,6 +7,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+. "$HERE/lib.sh"
 eval "$("$HERE/fetch.sh" 2>/dev/null)"
 K=${1:-${KERNELS%% *}}
 (cd "$ROOT" && cargo build --release -q -p devmodel)
@@ -19,23 +20,10 @@ metric() { grep "^METRIC $1 " "$2" | awk '{print $3}' | sort -n | awk '{a[NR]=$1
 accesses() { grep -o 'region_accesses=[0-9]*' "$1" | tail -1 | cut -d= -f2; }
 
 ours() { # $1 mode -> guest log $W/ours-$1.log, server log $W/dm-$1.log
-  rm -f "$W/dm.sock"
-  cat > "$W/xen-dm.toml" <<CFG
-[controller]
-model = "xhci"
-[transport]
-kind = "vfio-user"
-socket = "$W/dm.sock"
-[[device]]
-kind = "storage"
-image = "stick.img"
-CFG
-  "$DM" --config "$W/xen-dm.toml" > "$W/dm-$1.log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do [ -S "$W/dm.sock" ] && break; sleep 0.05; done
+  start_dm "$DM" "$W" false "$W/dm-$1.log"
   APPEND="stick_bytes=$STICK mode=$1" "$HERE/boot.sh" "$K" "$W/ours-$1.log" \
-    -device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$W/dm.sock\"}}"
-  kill $pid; wait $pid 2>/dev/null || true
+    -device "$(vfio_dev "$W")"
+  stop_dm
 }
 qemu() {
   APPEND="stick_bytes=$STICK mode=bench" "$HERE/boot.sh" "$K" "$W/qemu.log" \

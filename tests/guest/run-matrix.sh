@@ -18,37 +18,19 @@ count() { # $1 = log with RESULT lines (guest or host side)
   failed=$((failed + $(grep -c 'RESULT .* FAIL' "$1" || true)))
 }
 
-serve() { # $1 dir, $2 readonly -> starts the server, sets DM_PID
-  cat > "$1/xen-dm.toml" <<CFG
-[controller]
-model = "xhci"
-[transport]
-kind = "vfio-user"
-socket = "$1/dm.sock"
-[[device]]
-kind = "storage"
-image = "stick.img"
-readonly = $2
-CFG
-  "$DM" --config "$1/xen-dm.toml" > "$1/dm.log" 2>&1 &
-  DM_PID=$!
-  for _ in $(seq 100); do [ -S "$1/dm.sock" ] && return 0; sleep 0.05; done
-  echo "matrix: server did not start"; cat "$1/dm.log"; return 1
-}
-stop() { kill "$DM_PID" 2>/dev/null || true; wait "$DM_PID" 2>/dev/null || true; }
-dev() { echo "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$1/dm.sock\"}}"; }
+. "$HERE/lib.sh"
 
 for K in $KERNELS; do
   W=$(mktemp -d)
   truncate -s $STICK "$W/stick.img"
-  serve "$W" false
+  start_dm "$DM" "$W" false "$W/dm.log"
   t=$(date +%s)
-  if APPEND="stick_bytes=$STICK" "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(dev "$W")"; then
+  if APPEND="stick_bytes=$STICK" "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(vfio_dev "$W")"; then
     st=PASS
   else
     st=FAIL; fail=1
   fi
-  stop
+  stop_dm
   grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K] /" || true
   # Host-side check: the image holds the guest's data (nothing lost).
   read -r _ off len sum < <(grep '^HOSTCHECK' "$W/guest.log" || echo "HOSTCHECK 0 0 none")
@@ -62,14 +44,14 @@ for K in $KERNELS; do
   # Read-only stick with known contents.
   dd if=/dev/urandom of="$W/stick.img" bs=1M count=4 conv=notrunc 2>/dev/null
   before=$(sha256sum < "$W/stick.img")
-  serve "$W" true
+  start_dm "$DM" "$W" true "$W/dm.log"
   t=$(date +%s)
-  if APPEND="stick_bytes=$STICK stick_ro=1" "$HERE/boot.sh" "$K" "$W/guest-ro.log" -device "$(dev "$W")"; then
+  if APPEND="stick_bytes=$STICK stick_ro=1" "$HERE/boot.sh" "$K" "$W/guest-ro.log" -device "$(vfio_dev "$W")"; then
     st=PASS
   else
     st=FAIL; fail=1
   fi
-  stop
+  stop_dm
   grep -E '^RESULT' "$W/guest-ro.log" | sed "s/^/  [$K ro] /" || true
   if [ "$(sha256sum < "$W/stick.img")" = "$before" ]; then echo "  [$K ro] RESULT host_unchanged PASS"; passed=$((passed + 1))
   else echo "  [$K ro] RESULT host_unchanged FAIL"; fail=1; failed=$((failed + 1)); fi

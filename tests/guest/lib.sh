@@ -1,0 +1,30 @@
+# Shared by run-matrix.sh, bench.sh and scripts/demo.sh: run xen-usb-dm
+# with one stick and attach QEMU to it. Source it; needs bash.
+
+# start_dm BINARY DIR READONLY LOG: serves DIR/stick.img over DIR/dm.sock
+# (config in DIR/xen-dm.toml), output in LOG; sets DM_PID.
+start_dm() {
+  local dm=$1 dir=$2 ro=$3 log=$4
+  rm -f "$dir/dm.sock"
+  cat > "$dir/xen-dm.toml" <<CFG
+[controller]
+model = "xhci"
+[transport]
+kind = "vfio-user"
+socket = "$dir/dm.sock"
+[[device]]
+kind = "storage"
+image = "stick.img"
+readonly = $ro
+CFG
+  "$dm" --config "$dir/xen-dm.toml" > "$log" 2>&1 &
+  DM_PID=$!
+  for _ in $(seq 100); do [ -S "$dir/dm.sock" ] && return 0; sleep 0.05; done
+  echo "xen-usb-dm did not start:" >&2; cat "$log" >&2; return 1
+}
+
+# stop_dm: SIGTERM (the server finishes the session and removes its socket).
+stop_dm() { kill "$DM_PID" 2>/dev/null || true; wait "$DM_PID" 2>/dev/null || true; }
+
+# vfio_dev DIR: the QEMU -device argument for the server in DIR.
+vfio_dev() { echo "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$1/dm.sock\"}}"; }
