@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod vfio_user;
+pub mod xen;
 
 use std::path::Path;
 

@@ -1,0 +1,1 @@
+//! Xen public ABI: structures, ioctl numbers and constants (to be filled).

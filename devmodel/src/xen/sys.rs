@@ -1,0 +1,1 @@
+//! privcmd / evtchn over ioctls (to be filled).
