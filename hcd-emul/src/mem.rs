@@ -10,7 +10,9 @@
 //! here — is a [`DmaError`], never a panic.
 
 use std::fs::File;
+use std::sync::Arc;
 
+use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
     ReadVolatile, WriteVolatile,
@@ -40,10 +42,27 @@ pub enum DmaError {
     Io,
 }
 
+/// Maps guest memory on demand: the Xen transport's map cache, where guest
+/// RAM is mapped bucket by bucket as DMA first touches it instead of all
+/// at once.
+///
+/// [`GuestRam`] calls it, with the map locked against concurrent
+/// replacement, when an access finds part of its range unmapped; the
+/// access is retried once on the map it returns. Accesses already under
+/// way keep the map they started with (and so its mappings) alive: a
+/// mapping is never torn down under an in-flight DMA.
+pub trait GuestMapper: Send + Sync + std::fmt::Debug {
+    /// Returns a map that also covers as much of `addr..addr + len` as can
+    /// be mapped (it may drop other mappings to stay within a budget), or
+    /// `None` if nothing could be added.
+    fn map(&self, addr: u64, len: usize, current: &GuestMemoryMmap) -> Option<GuestMemoryMmap>;
+}
+
 /// A cloneable handle to guest physical memory.
 #[derive(Clone, Debug)]
 pub struct GuestRam {
     inner: GuestMemoryAtomic<GuestMemoryMmap>,
+    mapper: Option<Arc<dyn GuestMapper>>,
 }
 
 impl GuestRam {
@@ -51,6 +70,54 @@ impl GuestRam {
     pub fn new(map: GuestMemoryMmap) -> Self {
         Self {
             inner: GuestMemoryAtomic::new(map),
+            mapper: None,
+        }
+    }
+
+    /// An initially empty map filled on demand by `mapper` (see
+    /// [`GuestMapper`]); [`GuestRam::replace`] with an empty map drops every
+    /// mapping (Xen's INVALIDATE).
+    pub fn with_mapper(mapper: Arc<dyn GuestMapper>) -> Self {
+        Self {
+            inner: GuestMemoryAtomic::new(GuestMemoryMmap::default()),
+            mapper: Some(mapper),
+        }
+    }
+
+    /// The current map, covering `addr..addr + len` (asking the mapper to
+    /// map what is missing), or why not.
+    fn mem(
+        &self,
+        addr: u64,
+        len: usize,
+    ) -> Result<GuestMemoryLoadGuard<GuestMemoryMmap>, DmaError> {
+        Self::check(addr, len)?;
+        let covers = |m: &GuestMemoryMmap| {
+            len == 0 || m.check_range(GuestAddress(addr), len, vm_memory::Permissions::ReadWrite)
+        };
+        let mem = self.inner.memory();
+        if covers(&mem) {
+            return Ok(mem);
+        }
+        let Some(mapper) = &self.mapper else {
+            return Err(DmaError::Unmapped { addr, len });
+        };
+        drop(mem);
+        {
+            let l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let cur = self.inner.memory();
+            if !covers(&cur) {
+                if let Some(m) = mapper.map(addr, len, &cur) {
+                    drop(cur);
+                    l.replace(m);
+                }
+            }
+        }
+        let mem = self.inner.memory();
+        if covers(&mem) {
+            Ok(mem)
+        } else {
+            Err(DmaError::Unmapped { addr, len })
         }
     }
 
@@ -93,12 +160,10 @@ impl GuestRam {
 
     /// Reads `buf.len()` bytes at `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        Self::check(addr, buf.len())?;
         if buf.is_empty() {
-            return Ok(());
+            return Self::check(addr, 0);
         }
-        self.inner
-            .memory()
+        self.mem(addr, buf.len())?
             .read_slice(buf, GuestAddress(addr))
             .map_err(|_| DmaError::Unmapped {
                 addr,
@@ -108,12 +173,10 @@ impl GuestRam {
 
     /// Writes `data` at `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        Self::check(addr, data.len())?;
         if data.is_empty() {
-            return Ok(());
+            return Self::check(addr, 0);
         }
-        self.inner
-            .memory()
+        self.mem(addr, data.len())?
             .write_slice(data, GuestAddress(addr))
             .map_err(|_| DmaError::Unmapped {
                 addr,
@@ -142,16 +205,7 @@ impl GuestRam {
 
     /// Whether the whole range is backed by guest RAM.
     pub fn is_mapped(&self, addr: u64, len: usize) -> bool {
-        if Self::check(addr, len).is_err() {
-            return false;
-        }
-        len == 0
-            || GuestMemory::check_range(
-                &*self.inner.memory(),
-                GuestAddress(addr),
-                len,
-                vm_memory::Permissions::ReadWrite,
-            )
+        self.mem(addr, len).is_ok()
     }
 
     /// Fills guest memory at `addr` with `len` bytes of `file` from `file_off`,
@@ -175,11 +229,7 @@ impl GuestRam {
         len: usize,
         src: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
-        Self::check(addr, len)?;
-        if !self.is_mapped(addr, len) {
-            return Err(DmaError::Unmapped { addr, len });
-        }
-        let mem = self.inner.memory();
+        let mem = self.mem(addr, len)?;
         let mut done = 0;
         while done < len {
             let a = GuestAddress(addr + done as u64);
@@ -217,11 +267,7 @@ impl GuestRam {
         len: usize,
         dst: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
-        Self::check(addr, len)?;
-        if !self.is_mapped(addr, len) {
-            return Err(DmaError::Unmapped { addr, len });
-        }
-        let mem = self.inner.memory();
+        let mem = self.mem(addr, len)?;
         mem.write_all_volatile_to(GuestAddress(addr), dst, len)
             .map_err(|_| DmaError::Io)
     }
@@ -308,6 +354,53 @@ mod tests {
         assert!(ram.write(0x20000, &b).is_err());
         ram.write(0x100, &[1, 2, 3, 4]).unwrap();
         assert_eq!(ram.read_u32(0x100).unwrap(), 0x0403_0201);
+    }
+
+    /// Maps 64 KiB anonymous buckets below 1 MiB, counting calls.
+    #[derive(Debug, Default)]
+    struct Buckets(std::sync::atomic::AtomicUsize);
+
+    impl GuestMapper for Buckets {
+        fn map(&self, addr: u64, len: usize, cur: &GuestMemoryMmap) -> Option<GuestMemoryMmap> {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut m = cur.clone();
+            let last = (addr + len as u64 - 1) >> 16;
+            for b in (addr >> 16)..=last.min(15) {
+                let base = GuestAddress(b << 16);
+                if m.iter().any(|r| r.start_addr() == base) {
+                    continue;
+                }
+                let r = GuestRegionMmap::new(MmapRegion::new(0x10000).ok()?, base)?;
+                m = m.insert_region(Arc::new(r)).ok()?;
+            }
+            Some(m)
+        }
+    }
+
+    #[test]
+    fn mapper_maps_on_first_touch_and_again_after_invalidate() {
+        let mapper = Arc::new(Buckets::default());
+        let ram = GuestRam::with_mapper(mapper.clone());
+        let calls = || mapper.0.load(std::sync::atomic::Ordering::Relaxed);
+        // An access straddling two buckets maps both at once.
+        ram.write(0x1fffe, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(calls(), 1);
+        assert_eq!(ram.read_u32(0x1fffe).unwrap(), 0x0403_0201);
+        assert_eq!(calls(), 1, "mapped memory is not mapped again");
+        // Beyond what the mapper can map: an error, not a panic.
+        assert!(ram.read_u32(0x10_0000).is_err());
+        assert!(!ram.is_mapped(0xf_fff0, 0x20));
+        // Invalidate: everything is dropped, and mapped afresh on next touch.
+        let held = ram.inner.memory();
+        ram.replace(GuestMemoryMmap::default());
+        assert!(
+            held.check_range(GuestAddress(0x1fffe), 4, vm_memory::Permissions::ReadWrite),
+            "an access under way keeps its mappings"
+        );
+        let before = calls();
+        assert_eq!(ram.read_u32(0x1fffe).unwrap(), 0, "fresh anonymous memory");
+        assert_eq!(calls(), before + 1);
     }
 
     #[test]
