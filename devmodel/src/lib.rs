@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+mod evloop;
 pub mod vfio_user;
 pub mod xen;
 

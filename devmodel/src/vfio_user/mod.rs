@@ -30,10 +30,9 @@ use std::time::{Duration, Instant};
 use hcd_emul::pci::{ExternalMsi, PciController, PciFunction};
 use hcd_emul::GuestRam;
 use tracing::{debug, error, info, warn};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vmm_sys_util::timerfd::TimerFd;
+
+use crate::evloop::{EventLoop, Wake};
 
 use dma::DmaMap;
 pub use irq::IrqFds;
@@ -49,9 +48,7 @@ pub const MAX_DATA: usize = 64 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const TOKEN_LISTENER: u64 = 0;
-const TOKEN_WAKER: u64 = 1;
 const TOKEN_CLIENT: u64 = 2;
-const TOKEN_TIMER: u64 = 3;
 
 /// Errors that end the server.
 #[derive(Debug, thiserror::Error)]
@@ -88,13 +85,11 @@ pub struct Server<C: PciController> {
     ram: GuestRam,
     dma: DmaMap,
     irqs: Arc<Mutex<IrqFds>>,
-    waker: EventFd,
-    /// Fires at the controller's next deadline (interrupt moderation is in
-    /// tens of microseconds: epoll's millisecond timeout is too coarse).
-    timer: TimerFd,
-    armed_for: Option<Instant>,
+    /// Socket, client, device completions and the controller's deadline
+    /// (interrupt moderation is in tens of microseconds: a timerfd, not
+    /// epoll's millisecond timeout).
+    lp: EventLoop,
     client: Option<UnixStream>,
-    epoll: Epoll,
     /// Messages handled (for statistics).
     pub messages: u64,
     /// Region accesses handled.
@@ -127,41 +122,13 @@ impl<C: PciController> Server<C> {
         }
         let listener = UnixListener::bind(path).map_err(sock_err)?;
         listener.set_nonblocking(true).map_err(sock_err)?;
-        let waker = EventFd::new(EFD_NONBLOCK).map_err(ServerError::Poll)?;
-        let w2 = waker.try_clone().map_err(ServerError::Poll)?;
+        let lp = EventLoop::new().map_err(ServerError::Poll)?;
+        lp.add(listener.as_raw_fd(), TOKEN_LISTENER)
+            .map_err(ServerError::Poll)?;
         let ram = GuestRam::empty();
-        let controller = make(
-            ram.clone(),
-            Box::new(move || {
-                let _ = w2.write(1);
-            }),
-        );
+        let controller = make(ram.clone(), lp.waker().map_err(ServerError::Poll)?);
         let irqs = Arc::new(Mutex::new(IrqFds::default()));
         let pci = PciFunction::new(controller, Box::new(VfioIrqTransport::new(irqs.clone())));
-        let timer = TimerFd::new()
-            .map_err(|e| ServerError::Poll(std::io::Error::from_raw_os_error(e.errno())))?;
-        let epoll = Epoll::new().map_err(ServerError::Poll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                timer.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_TIMER),
-            )
-            .map_err(ServerError::Poll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                listener.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
-            )
-            .map_err(ServerError::Poll)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                waker.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_WAKER),
-            )
-            .map_err(ServerError::Poll)?;
         Ok(Server {
             listener,
             path: path.to_owned(),
@@ -169,11 +136,8 @@ impl<C: PciController> Server<C> {
             ram,
             dma: DmaMap::default(),
             irqs,
-            waker,
-            timer,
-            armed_for: None,
+            lp,
             client: None,
-            epoll,
             messages: 0,
             region_accesses: 0,
         })
@@ -187,7 +151,6 @@ impl<C: PciController> Server<C> {
     /// Serves until `stop()` returns true (checked after every wake-up) or
     /// the event loop fails.
     pub fn run(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), ServerError> {
-        let mut events = vec![EpollEvent::default(); 8];
         loop {
             if stop(self) {
                 if self.client.is_some() {
@@ -200,41 +163,11 @@ impl<C: PciController> Server<C> {
                 }
                 return Ok(());
             }
-            self.arm_timer();
-            let timeout = 1000;
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ServerError::Poll(e)),
-            };
-            // Client traffic (including its hang-up) before new
-            // connections, so a client that reconnects is not refused
-            // as a second one.
-            let mut ready: Vec<u64> = events.iter().take(n).map(|e| e.data()).collect();
-            ready.sort_by_key(|t| match *t {
-                TOKEN_CLIENT => 0,
-                TOKEN_WAKER => 1,
-                _ => 2,
-            });
-            for token in ready {
-                match token {
-                    TOKEN_LISTENER => self.accept(),
-                    TOKEN_WAKER => {
-                        let _ = self.waker.read();
-                        self.pci.process();
-                    }
-                    TOKEN_TIMER => {
-                        let _ = self.timer.wait();
-                        self.armed_for = None;
-                        self.pci.process();
-                    }
-                    _ => {
-                        if let Err(e) = self.serve_one() {
-                            self.disconnect(&e);
-                        }
-                    }
-                }
-            }
+            let wakes = self
+                .lp
+                .wait(self.pci.next_deadline(), Duration::from_secs(1))
+                .map_err(ServerError::Poll)?;
+            self.handle(wakes);
             if self
                 .pci
                 .next_deadline()
@@ -245,36 +178,36 @@ impl<C: PciController> Server<C> {
         }
     }
 
-    /// Serves messages already waiting on the client socket.
-    fn serve_pending(&mut self) -> Result<(), ServerError> {
-        let mut events = vec![EpollEvent::default(); 8];
-        let n = self.epoll.wait(0, &mut events).map_err(ServerError::Poll)?;
-        if events.iter().take(n).any(|e| e.data() == TOKEN_CLIENT) {
-            if let Err(e) = self.serve_one() {
-                self.disconnect(&e);
+    /// Acts on what woke the loop: client traffic (including its hang-up)
+    /// before new connections, so a client that reconnects is not refused
+    /// as a second one.
+    fn handle(&mut self, mut wakes: Vec<Wake>) {
+        wakes.sort_by_key(|w| match *w {
+            Wake::Fd(TOKEN_CLIENT) => 0,
+            Wake::Completion | Wake::Deadline => 1,
+            Wake::Fd(_) => 2,
+        });
+        for w in wakes {
+            match w {
+                Wake::Fd(TOKEN_LISTENER) => self.accept(),
+                Wake::Completion | Wake::Deadline => self.pci.process(),
+                Wake::Fd(_) => {
+                    if let Err(e) = self.serve_one() {
+                        self.disconnect(&e);
+                    }
+                }
             }
         }
-        Ok(())
     }
 
-    /// Arms the timer for the controller's next deadline, if it changed.
-    fn arm_timer(&mut self) {
-        let deadline = self.pci.next_deadline();
-        if deadline == self.armed_for {
-            return;
-        }
-        let r = match deadline {
-            Some(t) => {
-                let d = t.saturating_duration_since(Instant::now());
-                // A zero duration would disarm a timerfd.
-                self.timer.reset(d.max(Duration::from_nanos(1)), None)
-            }
-            None => self.timer.clear(),
-        };
-        if let Err(e) = r {
-            warn!("vfio-user: timer: {e}");
-        }
-        self.armed_for = deadline;
+    /// Serves what is already waiting (messages on the client socket).
+    fn serve_pending(&mut self) -> Result<(), ServerError> {
+        let wakes = self
+            .lp
+            .wait(self.pci.next_deadline(), Duration::ZERO)
+            .map_err(ServerError::Poll)?;
+        self.handle(wakes);
+        Ok(())
     }
 
     fn accept(&mut self) {
@@ -291,17 +224,7 @@ impl<C: PciController> Server<C> {
                     }
                     info!("vfio-user: client connected on {}", self.path.display());
                     if s.set_nonblocking(false).is_err()
-                        || self
-                            .epoll
-                            .ctl(
-                                ControlOperation::Add,
-                                s.as_raw_fd(),
-                                EpollEvent::new(
-                                    EventSet::IN | EventSet::READ_HANG_UP,
-                                    TOKEN_CLIENT,
-                                ),
-                            )
-                            .is_err()
+                        || self.lp.add(s.as_raw_fd(), TOKEN_CLIENT).is_err()
                     {
                         error!("vfio-user: cannot watch the client socket");
                         continue;
@@ -335,11 +258,7 @@ impl<C: PciController> Server<C> {
         self.messages = 0;
         self.region_accesses = 0;
         if let Some(s) = self.client.take() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                s.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self.lp.remove(s.as_raw_fd());
         }
         self.pci.set_external_msi(ExternalMsi::None);
         self.pci.reset();

@@ -3,8 +3,19 @@
 //! - [`hv`]: what we need from Xen, as traits;
 //! - [`sys`]: the real thing, pure Rust over privcmd / evtchn ioctls;
 //! - [`abi`]: Xen's structures and constants, checked against Xen's
-//!   headers by `tests/xen_abi.rs`.
+//!   headers by `tests/xen_abi.rs`;
+//! - [`server`]: the ioreq server (protocol, PCI on Xen, event loop);
+//! - [`mapcache`]: guest memory mapped on demand.
+//!
+//! The protocol is tested against an in-process simulation of the ioreq
+//! page, event channels and guest memory (`fake.rs`, test builds only).
 
 pub mod abi;
+#[cfg(test)]
+mod fake;
 pub mod hv;
+pub mod mapcache;
+pub mod server;
 pub mod sys;
+#[cfg(test)]
+mod tests;
