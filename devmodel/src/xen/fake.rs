@@ -135,7 +135,7 @@ impl Hypervisor for FakeXen {
                 p.as_volatile_slice()
                     .write_obj(
                         Self::remote_port(v),
-                        v as usize * abi::IOREQ_SIZE + abi::IOREQ_OFF_VP_EPORT,
+                        v as usize * abi::IOREQ_SLOT_SIZE + abi::IOREQ_OFF_VP_EPORT,
                     )
                     .unwrap();
             }
@@ -358,7 +358,7 @@ impl FakeVcpu {
     }
 
     fn base(&self) -> usize {
-        self.v as usize * abi::IOREQ_SIZE
+        self.v as usize * abi::IOREQ_SLOT_SIZE
     }
 
     pub fn state(&self) -> u8 {
@@ -366,7 +366,7 @@ impl FakeVcpu {
             .as_volatile_slice()
             .load::<u8>(self.base() + abi::IOREQ_OFF_FLAGS, Ordering::Acquire)
             .unwrap()
-            & abi::IOREQ_STATE_MASK
+            & abi::IOREQ_FLAG_STATE_MASK
     }
 
     /// Writes `r` into the slot with `state` (READY for a real request)
@@ -413,7 +413,7 @@ impl FakeVcpu {
             .load::<u8>(self.base() + abi::IOREQ_OFF_FLAGS, Ordering::Acquire)
             .unwrap();
         s.store(
-            f & !abi::IOREQ_STATE_MASK,
+            f & !abi::IOREQ_FLAG_STATE_MASK,
             self.base() + abi::IOREQ_OFF_FLAGS,
             Ordering::Release,
         )

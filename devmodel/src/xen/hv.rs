@@ -1,6 +1,6 @@
 //! What the ioreq server needs from Xen, as a trait: the real privcmd /
-//! evtchn implementation is [`super::sys`], the in-process simulation used
-//! by the protocol tests is [`super::fake`].
+//! evtchn implementation is [`super::sys`]; the protocol tests use an
+//! in-process simulation (`fake`).
 //!
 //! Shared pages (the ioreq page, guest memory) are handed out as vm-memory
 //! [`MmapRegion`]s: the protocol code reads and writes them through
@@ -18,7 +18,7 @@ pub enum IoRange {
     Port,
     /// Guest-physical MMIO `start..=end`.
     Memory,
-    /// One PCI function; `start == end ==` [`sbdf_range_value`].
+    /// One PCI function; `start == end ==` [`Sbdf::range_value`].
     Pci,
 }
 

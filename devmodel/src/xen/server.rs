@@ -216,7 +216,7 @@ impl<C: PciController> XenServer<C> {
         make: impl FnOnce(GuestRam, Box<dyn Fn() + Send + Sync>) -> C,
     ) -> Result<Self, XenError> {
         let nr = hv.nr_vcpus().map_err(setup("XEN_DMOP_nr_vcpus"))?;
-        if nr == 0 || nr as usize > abi::IOREQ_SLOTS {
+        if nr == 0 || nr as usize > abi::IOREQ_SLOTS_PER_PAGE {
             return Err(XenError::Setup {
                 what: "XEN_DMOP_nr_vcpus",
                 source: io::Error::new(io::ErrorKind::InvalidData, format!("{nr} vCPUs")),
@@ -257,7 +257,7 @@ impl<C: PciController> XenServer<C> {
         let page =
             s.hv.map_ioreq_page(id)
                 .map_err(setup("map ioreq page (IOCTL_PRIVCMD_MMAP_RESOURCE)"))?;
-        if page.len() < abi::IOREQ_SLOTS * abi::IOREQ_SIZE {
+        if page.len() < abi::IOREQ_SLOTS_PER_PAGE * abi::IOREQ_SLOT_SIZE {
             return Err(XenError::Setup {
                 what: "map ioreq page",
                 source: io::Error::new(io::ErrorKind::InvalidData, "short ioreq page"),
@@ -270,7 +270,7 @@ impl<C: PciController> XenServer<C> {
         for v in 0..nr as usize {
             let remote: u32 = s
                 .slot()
-                .read_obj(v * abi::IOREQ_SIZE + abi::IOREQ_OFF_VP_EPORT)
+                .read_obj(v * abi::IOREQ_SLOT_SIZE + abi::IOREQ_OFF_VP_EPORT)
                 .map_err(|e| XenError::Setup {
                     what: "read vp_eport",
                     source: io::Error::other(e.to_string()),
@@ -395,13 +395,13 @@ impl<C: PciController> XenServer<C> {
 
     /// Answers vCPU `v`'s slot if it holds a request.
     fn serve_slot(&mut self, v: usize) {
-        let base = v * abi::IOREQ_SIZE;
+        let base = v * abi::IOREQ_SLOT_SIZE;
         let s = self.slot();
         let flags_at = base + abi::IOREQ_OFF_FLAGS;
         let Ok(flags) = s.load::<u8>(flags_at, Ordering::Acquire) else {
             return;
         };
-        if flags & abi::IOREQ_STATE_MASK != abi::STATE_IOREQ_READY {
+        if flags & abi::IOREQ_FLAG_STATE_MASK != abi::STATE_IOREQ_READY {
             return;
         }
         let rd64 = |o: usize| s.read_obj::<u64>(base + o).unwrap_or(0);
@@ -418,7 +418,7 @@ impl<C: PciController> XenServer<C> {
                 .load::<u8>(base + abi::IOREQ_OFF_TYPE, Ordering::Relaxed)
                 .unwrap_or(0),
         };
-        let keep = flags & !abi::IOREQ_STATE_MASK;
+        let keep = flags & !abi::IOREQ_FLAG_STATE_MASK;
         let _ = s.store(
             keep | abi::STATE_IOREQ_INPROCESS,
             flags_at,
