@@ -64,7 +64,7 @@ pub struct Controller {
 pub enum TransportKind {
     /// vfio-user server on a UNIX socket.
     VfioUser,
-    /// Xen ioreq server (not implemented yet).
+    /// Xen ioreq server next to qemu-xen.
     Xen,
 }
 
@@ -76,6 +76,42 @@ pub struct Transport {
     pub kind: TransportKind,
     /// vfio-user: the socket path to listen on.
     pub socket: Option<PathBuf>,
+    /// Xen: the domain to serve, by id...
+    pub domid: Option<u16>,
+    /// ...or by name (resolved with `xl domid`). In wrapper mode libxl's
+    /// `-xen-domid` is used instead.
+    pub domain: Option<String>,
+    /// Xen: our function's PCI address, `[segment:]bus:device.function`
+    /// (a slot qemu-xen does not use, e.g. `00:1e.0`).
+    pub pci: Option<String>,
+    /// Xen: after set-up, restrict the hypervisor descriptors to the
+    /// domain (implied by `uid`/`chroot`).
+    #[serde(default)]
+    pub restrict: bool,
+    /// Xen: after set-up, switch to this user id (and `gid`).
+    pub uid: Option<u32>,
+    /// Xen: group id to switch to (default: `uid`).
+    pub gid: Option<u32>,
+    /// Xen: after set-up, chroot to this (empty) directory.
+    pub chroot: Option<PathBuf>,
+}
+
+/// A parsed `pci` value.
+pub fn parse_pci(s: &str) -> Option<(u16, u8, u8, u8)> {
+    let (seg, rest) = match s.matches(':').count() {
+        2 => {
+            let (seg, rest) = s.split_once(':')?;
+            (u16::from_str_radix(seg, 16).ok()?, rest)
+        }
+        1 => (0, s),
+        _ => return None,
+    };
+    let (bus, devfn) = rest.split_once(':')?;
+    let (dev, func) = devfn.split_once('.')?;
+    let bus = u8::from_str_radix(bus, 16).ok()?;
+    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+    let func = u8::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
+    Some((seg, bus, dev, func))
 }
 
 /// Device kinds.
@@ -175,10 +211,68 @@ impl Config {
                 Some(_) => {}
             },
             TransportKind::Xen => {
+                let t = &cfg.transport;
+                if t.socket.is_some() {
+                    return Err(invalid(
+                        "transport.socket".into(),
+                        "only for kind = \"vfio-user\"".into(),
+                    ));
+                }
+                match t.pci.as_deref() {
+                    None => {
+                        return Err(invalid(
+                            "transport.pci".into(),
+                            "required for kind = \"xen\" (e.g. \"00:1e.0\")".into(),
+                        ))
+                    }
+                    Some(p) if parse_pci(p).is_none() => {
+                        return Err(invalid(
+                            "transport.pci".into(),
+                            format!("{p:?} is not [segment:]bus:device.function (device < 32, function < 8)"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if t.domid.is_some() && t.domain.is_some() {
+                    return Err(invalid(
+                        "transport.domain".into(),
+                        "give domid or domain, not both".into(),
+                    ));
+                }
+                if let Some(d) = t.domid {
+                    if d == 0 || d >= 0x7ff0 {
+                        return Err(invalid(
+                            "transport.domid".into(),
+                            format!("{d} is not a guest domain id"),
+                        ));
+                    }
+                }
+                if let Some(c) = &t.chroot {
+                    if !c.is_dir() {
+                        return Err(invalid(
+                            "transport.chroot".into(),
+                            format!("{} is not a directory", c.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        if cfg.transport.kind != TransportKind::Xen {
+            let t = &cfg.transport;
+            let xen_only = [
+                ("domid", t.domid.is_some()),
+                ("domain", t.domain.is_some()),
+                ("pci", t.pci.is_some()),
+                ("restrict", t.restrict),
+                ("uid", t.uid.is_some()),
+                ("gid", t.gid.is_some()),
+                ("chroot", t.chroot.is_some()),
+            ];
+            if let Some((k, _)) = xen_only.iter().find(|(_, set)| *set) {
                 return Err(invalid(
-                    "transport.kind".into(),
-                    "\"xen\" is not implemented yet".into(),
-                ))
+                    format!("transport.{k}"),
+                    "only for kind = \"xen\"".into(),
+                ));
             }
         }
         let base = path.parent().unwrap_or(Path::new("."));
@@ -253,6 +347,42 @@ mod tests {
             e.contains("transport.socket") && e.contains("already exists"),
             "{e}"
         );
+    }
+
+    const XEN: &str = "[controller]\nmodel = \"xhci\"\n[transport]\nkind = \"xen\"\n";
+
+    #[test]
+    fn xen_transport_keys_are_checked() {
+        let cfg = parse(&format!("{XEN}domid = 3\npci = \"00:1e.0\"\n")).unwrap();
+        assert_eq!(cfg.transport.domid, Some(3));
+        assert_eq!(parse_pci("00:1e.0"), Some((0, 0, 0x1e, 0)));
+        assert_eq!(parse_pci("0001:02:03.4"), Some((1, 2, 3, 4)));
+        for (extra, key) in [
+            ("domid = 3\n", "transport.pci"),
+            ("domid = 3\npci = \"00:20.0\"\n", "transport.pci"),
+            ("domid = 3\npci = \"00:1e.8\"\n", "transport.pci"),
+            ("domid = 3\npci = \"1e.0\"\n", "transport.pci"),
+            ("domid = 0\npci = \"00:1e.0\"\n", "transport.domid"),
+            (
+                "domid = 3\ndomain = \"g\"\npci = \"00:1e.0\"\n",
+                "transport.domain",
+            ),
+            (
+                "domid = 3\npci = \"00:1e.0\"\nsocket = \"/tmp/s\"\n",
+                "transport.socket",
+            ),
+            (
+                "domid = 3\npci = \"00:1e.0\"\nchroot = \"/nonexistent\"\n",
+                "transport.chroot",
+            ),
+        ] {
+            let e = parse(&format!("{XEN}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let e = parse("[controller]\nmodel = \"xhci\"\n[transport]\nkind = \"vfio-user\"\nsocket = \"/tmp/nonexistent-s\"\ndomid = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("transport.domid"), "{e}");
     }
 
     #[test]

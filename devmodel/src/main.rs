@@ -1,5 +1,8 @@
 //! `xen-usb-dm --config FILE`: serve one USB host controller.
+//! `xen-usb-dm --config FILE --wrap QEMU -- ARGS...`: libxl's
+//! `device_model_override` (see `devmodel::wrap`).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,6 +39,13 @@ struct Args {
     /// Configuration file (see xen-dm.toml).
     #[arg(long, short)]
     config: PathBuf,
+    /// Run as libxl's device_model_override: serve the domain named by
+    /// `-xen-domid` in ARGS, then exec this QEMU with ARGS unchanged.
+    #[arg(long, value_name = "QEMU")]
+    wrap: Option<PathBuf>,
+    /// The device model arguments (after `--`), for --wrap.
+    #[arg(last = true, value_name = "ARGS")]
+    qemu_args: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +57,22 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    install_signal_handlers();
+    if let Some(qemu) = &args.wrap {
+        // Runs only if the exec of QEMU (or our set-up) failed.
+        let e = devmodel::wrap::run(qemu, &args.qemu_args, |domid, ready| {
+            let cfg = devmodel::Config::load(&args.config)?;
+            devmodel::run_xen(&cfg, Some(domid), ready, || STOP.load(Ordering::Relaxed))
+        });
+        if let Err(e) = e {
+            eprintln!("xen-usb-dm: {e:#}");
+        }
+        return ExitCode::FAILURE;
+    }
+    if !args.qemu_args.is_empty() {
+        eprintln!("xen-usb-dm: arguments after -- are only for --wrap");
+        return ExitCode::from(2);
+    }
     let cfg = match devmodel::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -54,7 +80,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    install_signal_handlers();
     match devmodel::run(&cfg, || STOP.load(Ordering::Relaxed)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
