@@ -11,7 +11,7 @@
 //!
 //! One thread serves all vCPUs (their requests are independent and each
 //! is short), device completions and the controller's deadlines, waiting
-//! on one [`EventLoop`]. Once a second it checks the domain is still there
+//! on one event loop. Once a second it checks the domain is still there
 //! and returns when it is gone.
 
 use std::collections::HashMap;
