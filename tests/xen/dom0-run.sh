@@ -4,6 +4,7 @@
 #   /mnt/share/xen-usb-dm           the device model (absent when DM=none)
 #   /mnt/share/{vmlinuz,guest-initrd.gz}
 #   /mnt/share/run/params.env       DM PCI GUEST_TIMEOUT DM_READY_WAIT DM_EXIT_WAIT
+#                                   STICK_ON_SHARE
 #   /mnt/share/run/guest.cfg        xl configuration of the HVM guest
 #   /mnt/share/run/stick.img        the USB stick's image
 # Creates the guest paused, starts xen-usb-dm for its domid, unpauses it,
@@ -38,6 +39,14 @@ fi
 domid=$(xl domid xtb-guest)
 result xl_create PASS "domid $domid"
 
+# The stick's image lives in dom0's tmpfs and goes back to the share at the
+# end: with the image on 9p, xen-usb-dm's reads and writes straight between
+# the file and foreign-mapped guest memory fail (9p's zero-copy path pins
+# user pages, which Xen foreign mappings refuse). STICK_ON_SHARE=1 keeps it
+# on the share to reproduce that.
+if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
+else STICK=/tmp/stick.img; cp "$R/stick.img" "$STICK"; fi
+
 if [ "$DM" != none ]; then
   cat > "$R/xen-dm.toml" <<CFG
 [controller]
@@ -48,7 +57,7 @@ domid = $domid
 pci = "$PCI"
 [[device]]
 kind = "storage"
-image = "$R/stick.img"
+image = "$STICK"
 speed = "high"
 CFG
   XEN_USB_DM_LOG=info "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
@@ -97,6 +106,7 @@ if [ -n "$dm_pid" ]; then
     sleep 0.2
   done
   if dm_alive; then
+    xl list > "$R/xl-list-dm-stuck.log" 2>&1 || true   # a dying domain still listed?
     kill "$dm_pid"; sleep 1; kill -9 "$dm_pid" 2>/dev/null || true
     result dm_exit FAIL "still running $DM_EXIT_WAIT s after the domain died, killed"
   else
@@ -106,9 +116,10 @@ if [ -n "$dm_pid" ]; then
   fi
 fi
 
+[ "$STICK" = "$R/stick.img" ] || cp "$STICK" "$R/stick.img"
 # dom0's view of the image: does it hold what the guest says it wrote?
 if read -r _ off len sum < <(tr -d '\r' < "$CONSOLE" | grep '^HOSTCHECK'); then
-  got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
+  got=$(dd if="$STICK" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
         | sha256sum | cut -d' ' -f1)
   [ "$got" = "$sum" ] && result dom0_image PASS "$got" || result dom0_image FAIL "image $got guest $sum"
 fi

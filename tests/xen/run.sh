@@ -13,7 +13,8 @@
 # Env: XTB_ATTEMPTS (3), XTB_TIMEOUT (whole run, s, 840), XTB_GUEST_TIMEOUT
 # (guest power-on to power-off in dom0, s, 420), XTB_PCI (00:1e.0),
 # XTB_WORK (work directory, default a fresh one under /tmp), KEEP=1 (keep it
-# also on success).
+# also on success), XTB_STICK_ON_SHARE=1 (serve the stick from the 9p share
+# rather than dom0's tmpfs), XTB_GUEST_CMDLINE (guest console options).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DM=${1:?usage: run.sh DM_BINARY|none}
@@ -51,6 +52,7 @@ PCI=$PCI
 GUEST_TIMEOUT=$GUEST_TIMEOUT
 DM_READY_WAIT=20
 DM_EXIT_WAIT=10
+STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-0}
 EOF
   cat > "$S/run/guest.cfg" <<EOF
 name = "xtb-guest"
