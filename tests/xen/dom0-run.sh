@@ -41,9 +41,9 @@ result xl_create PASS "domid $domid"
 
 # The stick's image lives in dom0's tmpfs and goes back to the share at the
 # end: with the image on 9p, xen-usb-dm's reads and writes straight between
-# the file and foreign-mapped guest memory fail (9p's zero-copy path pins
-# user pages, which Xen foreign mappings refuse). STICK_ON_SHARE=1 keeps it
-# on the share to reproduce that.
+# the file and foreign-mapped guest memory fail (most likely 9p's zero-copy
+# path cannot pin privcmd-mapped pages). STICK_ON_SHARE=1 keeps it on the
+# share to reproduce that.
 if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
 else STICK=/tmp/stick.img; cp "$R/stick.img" "$STICK"; fi
 
@@ -60,7 +60,7 @@ kind = "storage"
 image = "$STICK"
 speed = "high"
 CFG
-  XEN_USB_DM_LOG=info "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
+  XEN_USB_DM_LOG=info NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
   dm_pid=$!
   t=$(up)
   while dm_alive && ! grep -qi ready "$R/dm.log" \
