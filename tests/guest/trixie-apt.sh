@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by tests/guest/fetch.sh and tests/xen/fetch.sh (needs CACHE and a
 # log function): a private APT configuration for trixie + trixie-backports
 # that leaves the host's /etc/apt untouched. Defines APTDIR, stamp (touched

@@ -29,7 +29,7 @@ now() { date +%s; }
 t_start=$(now)
 
 # Host tools: the outer emulator must be Debian 12's QEMU 7.2 (with QEMU 11
-# the HVM guest stalls, see docs/../shared reference).
+# the HVM guest stalls: shared/reference/xen-testbed.md).
 missing=()
 for c in qemu-system-x86_64 debootstrap mkfs.ext4 cpio depmod modprobe xz zstd gunzip; do
   command -v "$c" >/dev/null || missing+=("$c")
@@ -93,6 +93,8 @@ if [ ! -f "$ROOTFS/.complete" ]; then
   touch "$ROOTFS.tmp/.complete"
   rm -rf "$ROOTFS"; mv "$ROOTFS.tmp" "$ROOTFS"
   log "debootstrap done in $(( $(now) - t )) s"
+  # Older Xen versions' trees and images (about 1 GiB each) go.
+  for d in "$CACHE"/xen-*/; do [ "${d%/}" = "$XD" ] || rm -rf "$d"; done
 fi
 XEN_VERSION=$(cat "$ROOTFS/.xen-version")
 

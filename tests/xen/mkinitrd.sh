@@ -28,7 +28,7 @@ for m in "$@"; do
   deps=$(modprobe -d "$KDIR" -S "$VER" --show-depends "$m") \
     || { echo "mkinitrd: no module $m in $KDIR" >&2; exit 1; }
   for p in $(awk '$1 == "insmod" {print $2}' <<< "$deps"); do
-    rel=${p#*/lib/modules/$VER/}
+    rel=${p#*/lib/modules/"$VER"/}
     mkdir -p "$D/$(dirname "$rel")"
     cp "$p" "$D/$rel"
   done

@@ -113,7 +113,7 @@ boot() {
     if [ -f "$S/run/done" ]; then
       # dom0 powers off next; give it a little time, then stop QEMU.
       [ -n "$done_at" ] || done_at=$now
-      status=done
+      status="done"
       [ $((now - done_at)) -lt 30 ] || { stop_qemu "$qpid"; break; }
       continue
     fi
@@ -129,7 +129,7 @@ boot() {
     fi
   done
   wait "$qpid" 2>/dev/null || true
-  [ -f "$S/run/done" ] && status=done
+  [ -f "$S/run/done" ] && status="done"
   t_boot=$(( $(date +%s) - t0 ))
   tr -d '\r' < "$serial" > "$serial.tmp" && mv "$serial.tmp" "$serial"
 }
@@ -137,7 +137,7 @@ boot() {
 for n in $(seq "$ATTEMPTS"); do
   boot "$n"
   log "attempt $n: $status after $t_boot s (dom0 up after $t_dom0 s)"
-  if [ "$status" = done ]; then break; fi
+  if [ "$status" = "done" ]; then break; fi
   grep -E 'XTB-DOM0-FAIL|Panic|panic' "$W/serial-$n.log" | head -5 >&2 || true
   if [ $(( $(date +%s) - t_run )) -ge "$TIMEOUT" ]; then break; fi
 done
@@ -147,7 +147,7 @@ retries=$((n - 1))
 R=$S/run
 out=$W/results.txt
 : > "$out"
-if [ "$status" = done ]; then
+if [ "$status" = "done" ]; then
   echo "RESULT dom0_boot PASS ${t_dom0}s" >> "$out"
   grep '^RESULT' "$R/results.txt" >> "$out" || true
   tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK)' \
