@@ -7,10 +7,22 @@ command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # Xen's public headers: devmodel/tests/xen_abi.rs checks our ABI against them.
 [ -f /usr/include/xen/sys/privcmd.h ] || need_apt+=(libxen-dev)
+# Guest test beds (tests/guest, tests/xen): initramfs and image tools, and
+# for the real-Xen bed Debian 12's own QEMU 7.2 as the outer emulator plus
+# debootstrap for the dom0 root file system.
+command -v cpio >/dev/null || need_apt+=(cpio)
+command -v mke2fs >/dev/null || need_apt+=(e2fsprogs)
+command -v depmod >/dev/null || need_apt+=(kmod)
+command -v xz >/dev/null || need_apt+=(xz-utils)
+command -v zstd >/dev/null || need_apt+=(zstd)
+command -v patchelf >/dev/null || need_apt+=(patchelf)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -q
-  $SUDO apt-get install -y -q "${need_apt[@]}"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found: install Rust (rustup) first" >&2

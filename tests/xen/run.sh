@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# run.sh DM_BINARY|none
+# One real-Xen run: Xen 4.20 + Debian dom0 inside QEMU 7.2 (TCG); dom0 starts
+# an HVM guest paused, runs DM_BINARY as its secondary device model (xHCI at
+# $XTB_PCI with a 16 MiB stick), unpauses it, and the guest drives the stick
+# (see guest-init.sh, dom0-run.sh). `none` runs no device model: the guest
+# then reports that it found no xHCI, which checks the plumbing alone.
+#
+# About one boot in three of the nested set-up freezes (the outer QEMU stops
+# using CPU); such a boot is killed and retried, up to XTB_ATTEMPTS times.
+# Prints every RESULT, the timings and "xen: N passed, M failed"; exits
+# non-zero on any failure.
+# Env: XTB_ATTEMPTS (3), XTB_TIMEOUT (whole run, s, 840), XTB_GUEST_TIMEOUT
+# (guest power-on to power-off in dom0, s, 420), XTB_PCI (00:1e.0),
+# XTB_WORK (work directory, default a fresh one under /tmp), KEEP=1 (keep it
+# also on success), XTB_STICK_ON_SHARE=1 (serve the stick from the 9p share
+# rather than dom0's tmpfs), XTB_GUEST_CMDLINE (guest console options).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+DM=${1:?usage: run.sh DM_BINARY|none}
+ATTEMPTS=${XTB_ATTEMPTS:-3}
+TIMEOUT=${XTB_TIMEOUT:-840}
+GUEST_TIMEOUT=${XTB_GUEST_TIMEOUT:-420}
+PCI=${XTB_PCI:-00:1e.0}
+STICK_BYTES=$((16 << 20))
+# Freeze: the outer QEMU used less than FREEZE_CPU s of CPU in the last
+# FREEZE_WINDOW s while neither its console nor the share moved.
+FREEZE_WINDOW=60 FREEZE_CPU=3
+log() { echo "xen: $*" >&2; }
+t_run=$(date +%s)
+
+if [ "$DM" != none ]; then
+  [ -x "$DM" ] || { log "$DM: not an executable"; exit 2; }
+fi
+eval "$("$HERE/fetch.sh")"
+
+W=${XTB_WORK:-$(mktemp -d /tmp/xen-usb-dm-xen.XXXXXX)}
+S=$W/share
+mkdir -p "$S"
+cp "$HERE/dom0-run.sh" "$S/"
+cp "$GUEST_KERNEL" "$S/vmlinuz"
+cp "$GUEST_INITRD" "$S/guest-initrd.gz"
+if [ "$DM" != none ]; then cp "$DM" "$S/xen-usb-dm"; DM_IN_DOM0=/mnt/share/xen-usb-dm
+else DM_IN_DOM0=none; fi
+
+prepare_run() { # fresh per attempt: nothing of a frozen attempt leaks into the next
+  rm -rf "$S/run"; mkdir "$S/run"
+  truncate -s "$STICK_BYTES" "$S/run/stick.img"
+  cat > "$S/run/params.env" <<EOF
+DM=$DM_IN_DOM0
+PCI=$PCI
+GUEST_TIMEOUT=$GUEST_TIMEOUT
+DM_READY_WAIT=20
+DM_EXIT_WAIT=10
+STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-0}
+EOF
+  cat > "$S/run/guest.cfg" <<EOF
+name = "xtb-guest"
+type = "hvm"
+memory = 256
+vcpus = 1
+kernel = "/mnt/share/vmlinuz"
+ramdisk = "/mnt/share/guest-initrd.gz"
+cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES"
+serial = "file:/var/log/xen/xtb-guest-serial.log"
+vga = "none"
+vnc = 0
+disk = [ ]
+vif = [ ]
+# Without it the guest's RDTSCP is emulated, which needs NRIPS that TCG
+# lacks: the guest reboots.
+tsc_mode = "native"
+on_reboot = "destroy"
+on_crash = "destroy"
+EOF
+}
+
+cpu_s() { # user + system CPU seconds of process $1
+  awk '{printf "%d", ($14 + $15) / '"$(getconf CLK_TCK)"'}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+activity() { # sizes and times of the console log and the share's files
+  stat -c '%n %s %Y' "$1" "$S"/run/* 2>/dev/null | cksum
+}
+stop_qemu() { # TERM, then KILL if it has not gone within 10 s
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 10); do kill -0 "$1" 2>/dev/null || return 0; sleep 1; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
+# boot N: one outer QEMU; sets status = done|frozen|timeout|exited and
+# t_dom0 (s from QEMU start to dom0 ready, or "-").
+boot() {
+  local n=$1 serial=$W/serial-$1.log qpid t0 now limit
+  local -a cpu=() act=()
+  prepare_run
+  : > "$serial"
+  t0=$(date +%s)
+  limit=$(( t_run + TIMEOUT - t0 ))
+  "$OUTER_QEMU" -no-reboot -accel tcg -M pc -cpu EPYC,-smap,-monitor -smp 1 -m 4096 \
+    -display none -vga none -nic none -monitor none -serial "file:$serial" \
+    -kernel "$XEN_ELF" \
+    -append "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 noreboot" \
+    -initrd "$DOM0_KERNEL console=hvc0 quiet loglevel=3,$DOM0_INITRD" \
+    -drive "file=$DOM0_IMG,if=virtio,format=raw,cache=unsafe,snapshot=on" \
+    -virtfs "local,path=$S,mount_tag=share,security_model=none,id=share" \
+    < /dev/null > "$W/qemu-$n.log" 2>&1 &
+  qpid=$!
+  status=exited t_dom0=-
+  local i=0 done_at=""
+  while kill -0 "$qpid" 2>/dev/null; do
+    sleep 1; i=$((i + 1)); now=$(date +%s)
+    if [ "$t_dom0" = - ] && grep -q '^XTB-DOM0-UP' "$serial"; then t_dom0=$((now - t0)); fi
+    if [ -f "$S/run/done" ]; then
+      # dom0 powers off next; give it a little time, then stop QEMU.
+      [ -n "$done_at" ] || done_at=$now
+      status="done"
+      [ $((now - done_at)) -lt 30 ] || { stop_qemu "$qpid"; break; }
+      continue
+    fi
+    if [ $((now - t0)) -ge "$limit" ]; then status=timeout; stop_qemu "$qpid"; break; fi
+    if [ $((i % 5)) = 0 ]; then
+      cpu+=("$(cpu_s "$qpid")"); act+=("$(activity "$serial")")
+      local k=${#cpu[@]} back=$((FREEZE_WINDOW / 5))
+      if [ "$k" -gt "$back" ] \
+         && [ $(( cpu[k - 1] - cpu[k - 1 - back] )) -lt $FREEZE_CPU ] \
+         && [ "${act[k - 1]}" = "${act[k - 1 - back]}" ]; then
+        status=frozen; stop_qemu "$qpid"; break
+      fi
+    fi
+  done
+  wait "$qpid" 2>/dev/null || true
+  [ -f "$S/run/done" ] && status="done"
+  t_boot=$(( $(date +%s) - t0 ))
+  tr -d '\r' < "$serial" > "$serial.tmp" && mv "$serial.tmp" "$serial"
+}
+
+for n in $(seq "$ATTEMPTS"); do
+  boot "$n"
+  log "attempt $n: $status after $t_boot s (dom0 up after $t_dom0 s)"
+  if [ "$status" = "done" ]; then break; fi
+  grep -E 'XTB-DOM0-FAIL|Panic|panic' "$W/serial-$n.log" | head -5 >&2 || true
+  if [ $(( $(date +%s) - t_run )) -ge "$TIMEOUT" ]; then break; fi
+done
+retries=$((n - 1))
+
+# --- results ----------------------------------------------------------------
+R=$S/run
+out=$W/results.txt
+: > "$out"
+if [ "$status" = "done" ]; then
+  echo "RESULT dom0_boot PASS ${t_dom0}s" >> "$out"
+  grep '^RESULT' "$R/results.txt" >> "$out" || true
+  tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK)' \
+    | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/' >> "$out" || true
+  # The host's view of the image too (after dom0 and QEMU are gone).
+  if read -r _ off len sum < <(tr -d '\r' < "$R/guest-console.log" | grep '^HOSTCHECK'); then
+    got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
+          | sha256sum | cut -d' ' -f1)
+    [ "$got" = "$sum" ] && echo "RESULT host_image PASS $got" >> "$out" \
+      || echo "RESULT host_image FAIL image $got guest $sum" >> "$out"
+  fi
+else
+  echo "RESULT testbed FAIL last attempt $status after $n attempts" >> "$out"
+fi
+sed 's/^/  /' "$out"
+guest_start=$(awk '$1 == "TIMING" && $2 == "guest_start_s" {print $3}' "$R/results.txt" 2>/dev/null)
+guest_run=$(awk '$1 == "TIMING" && $2 == "guest_run_s" {print $3}' "$R/results.txt" 2>/dev/null)
+echo "xen: timings: dom0 up ${t_dom0} s after QEMU start; guest console ${guest_start:--} s" \
+     "and power-off ${guest_run:--} s after unpause; last boot ${t_boot} s;" \
+     "whole run $(( $(date +%s) - t_run )) s; retries $retries"
+passed=$(grep -c '^RESULT .* PASS' "$out" || true)
+failed=$(grep -c '^RESULT .* FAIL' "$out" || true)
+if [ "$failed" != 0 ] || [ "$passed" = 0 ]; then
+  echo "xen: logs in $W (serial-N.log: Xen + dom0 console; share/run: dom0-run.log, dm.log, guest-console.log)"
+  [ -f "$R/dm.log" ] && tail -5 "$R/dm.log" | sed 's/^/  dm: /'
+elif [ "${KEEP:-0}" != 1 ] && [ -z "${XTB_WORK:-}" ]; then
+  rm -rf "$W"
+fi
+echo "xen: $passed passed, $failed failed"
+[ "$failed" = 0 ] && [ "$passed" != 0 ]
