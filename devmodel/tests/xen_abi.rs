@@ -104,6 +104,11 @@ fn table() -> Table {
     let c = "struct xen_dm_op_inject_msi";
     ty!(t, c, XenDmOpInjectMsi);
     off!(t, c, XenDmOpInjectMsi, data => data, pad => pad, addr => addr);
+    let c = "struct xen_dm_op_get_ioreq_server_info";
+    ty!(t, c, XenDmOpGetIoreqServerInfo);
+    off!(t, c, XenDmOpGetIoreqServerInfo,
+        id => id, flags => flags, bufioreq_port => bufioreq_port,
+        ioreq_gfn => ioreq_gfn, bufioreq_gfn => bufioreq_gfn);
     let c = "struct xen_dm_op_nr_vcpus";
     ty!(t, c, XenDmOpNrVcpus);
     off!(t, c, XenDmOpNrVcpus, vcpus => vcpus);
@@ -120,6 +125,7 @@ fn table() -> Table {
         "XEN_DMOP_modified_memory" => XEN_DMOP_MODIFIED_MEMORY,
         "XEN_DMOP_inject_msi" => XEN_DMOP_INJECT_MSI,
         "XEN_DMOP_nr_vcpus" => XEN_DMOP_NR_VCPUS,
+        "XEN_DMOP_no_gfns" => XEN_DMOP_NO_GFNS,
         "XEN_DMOP_IO_RANGE_PORT" => XEN_DMOP_IO_RANGE_PORT,
         "XEN_DMOP_IO_RANGE_MEMORY" => XEN_DMOP_IO_RANGE_MEMORY,
         "XEN_DMOP_IO_RANGE_PCI" => XEN_DMOP_IO_RANGE_PCI,

@@ -233,7 +233,20 @@ impl GuestRam {
         let mut done = 0;
         while done < len {
             let a = GuestAddress(addr + done as u64);
-            match mem.read_volatile_from(a, src, len - done) {
+            let got = if src.bounce {
+                src.read_bounced(&mem, a, len - done)
+            } else {
+                mem.read_volatile_from(a, src, len - done).or_else(|_| {
+                    // Some files cannot DMA straight into foreign or
+                    // device mappings (9p, FUSE, O_DIRECT pin the user
+                    // pages; Xen's privcmd pages cannot be pinned): copy
+                    // through a buffer from now on. A real I/O error
+                    // fails again there.
+                    src.bounce = true;
+                    src.read_bounced(&mem, a, len - done)
+                })
+            };
+            match got {
                 Ok(0) => {
                     mem.write_slice(&vec![0u8; len - done], a)
                         .map_err(|_| DmaError::Io)?;
@@ -268,8 +281,27 @@ impl GuestRam {
         dst: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
-        mem.write_all_volatile_to(GuestAddress(addr), dst, len)
-            .map_err(|_| DmaError::Io)
+        if !dst.bounce {
+            let start = dst.off;
+            if mem
+                .write_all_volatile_to(GuestAddress(addr), dst, len)
+                .is_ok()
+            {
+                return Ok(());
+            }
+            // As in `fill_from`: retry the whole range through a buffer.
+            dst.bounce = true;
+            dst.off = start;
+            dst.os_pos = None;
+        }
+        let mut done = 0;
+        while done < len {
+            let n = dst
+                .write_bounced(&mem, GuestAddress(addr + done as u64), len - done)
+                .map_err(|_| DmaError::Io)?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
@@ -283,7 +315,12 @@ pub struct FileCursor<'a> {
     file: &'a File,
     off: u64,
     os_pos: Option<u64>,
+    /// Direct file <-> guest memory I/O failed once: copy through a buffer.
+    bounce: bool,
 }
+
+/// Bounce buffer size.
+const BOUNCE: usize = 64 * 1024;
 
 impl<'a> FileCursor<'a> {
     /// A cursor at `off` (the descriptor's own offset is not trusted).
@@ -292,7 +329,42 @@ impl<'a> FileCursor<'a> {
             file,
             off,
             os_pos: None,
+            bounce: false,
         }
+    }
+
+    /// Reads up to `len` bytes at the cursor through a buffer into guest
+    /// memory at `a` (positioned read: the descriptor's offset is not used).
+    fn read_bounced(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        a: GuestAddress,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len.min(BOUNCE)];
+        let n = self.file.read_at(&mut buf, self.off)?;
+        mem.write_slice(&buf[..n], a)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.off += n as u64;
+        Ok(n)
+    }
+
+    /// Writes up to `len` bytes of guest memory at `a` through a buffer to
+    /// the file at the cursor.
+    fn write_bounced(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        a: GuestAddress,
+        len: usize,
+    ) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len.min(BOUNCE)];
+        mem.read_slice(&mut buf, a)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.file.write_all_at(&buf, self.off)?;
+        self.off += buf.len() as u64;
+        Ok(buf.len())
     }
 
     /// Moves the cursor.
@@ -401,6 +473,32 @@ mod tests {
         let before = calls();
         assert_eq!(ram.read_u32(0x1fffe).unwrap(), 0, "fresh anonymous memory");
         assert_eq!(calls(), before + 1);
+    }
+
+    #[test]
+    fn bounced_file_transfers_round_trip_like_direct_ones() {
+        use std::io::Write;
+        let ram = GuestRam::anonymous(0x40000);
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        for bounce in [false, true] {
+            let mut c = FileCursor::new(&f, 1000);
+            c.bounce = bounce;
+            // Two segments on one cursor, the second past EOF (zeros).
+            ram.fill_from(0x1003, 150_000, &mut c).unwrap();
+            ram.fill_from(0x30000, 60_000 - 8192, &mut c).unwrap();
+            let mut got = vec![0u8; 150_000];
+            ram.read(0x1003, &mut got).unwrap();
+            assert_eq!(got, data[1000..151_000], "bounce={bounce}");
+            // And back out, to a different place in the file.
+            let mut w = FileCursor::new(&f, 300_000);
+            w.bounce = bounce;
+            ram.drain_to(0x1003, 150_000, &mut w).unwrap();
+            let mut back = vec![0u8; 150_000];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 300_000).unwrap();
+            assert_eq!(back, got, "bounce={bounce}");
+        }
     }
 
     #[test]

@@ -177,6 +177,25 @@ pub struct XenDmOpInjectMsi {
     pub addr: u64,
 }
 
+/// `XEN_DMOP_no_gfns`: `get_ioreq_server_info` without the legacy gfns.
+pub const XEN_DMOP_NO_GFNS: u16 = 1;
+
+/// `struct xen_dm_op_get_ioreq_server_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XenDmOpGetIoreqServerInfo {
+    /// IN: server id.
+    pub id: IoServId,
+    /// IN: `XEN_DMOP_no_gfns`.
+    pub flags: u16,
+    /// OUT: buffered ioreq event channel.
+    pub bufioreq_port: u32,
+    /// OUT: legacy ioreq page gfn.
+    pub ioreq_gfn: u64,
+    /// OUT: legacy buffered ioreq page gfn.
+    pub bufioreq_gfn: u64,
+}
+
 /// `struct xen_dm_op_nr_vcpus`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -213,6 +232,8 @@ pub union XenDmOpU {
     pub inject_msi: XenDmOpInjectMsi,
     /// `nr_vcpus`.
     pub nr_vcpus: XenDmOpNrVcpus,
+    /// `get_ioreq_server_info`.
+    pub get_ioreq_server_info: XenDmOpGetIoreqServerInfo,
     /// The whole union as raw words (size of Xen's largest member).
     pub raw: [u64; 3],
 }
@@ -253,6 +274,7 @@ payload_into_union! {
     XenDmOpModifiedMemory => modified_memory,
     XenDmOpInjectMsi => inject_msi,
     XenDmOpNrVcpus => nr_vcpus,
+    XenDmOpGetIoreqServerInfo => get_ioreq_server_info,
 }
 
 /// `struct xen_dm_op`: buffer 0 of every `HYPERVISOR_dm_op`. Xen copies

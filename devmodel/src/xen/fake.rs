@@ -167,6 +167,14 @@ impl Hypervisor for FakeXen {
         }
         Ok(())
     }
+    fn ioreq_server_alive(&self, id: u16) -> io::Result<()> {
+        self.alive()?;
+        assert_eq!(id, 3);
+        if self.rec.lock().unwrap().destroyed {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(())
+    }
     fn destroy_ioreq_server(&self, id: u16) -> io::Result<()> {
         self.alive()?;
         assert_eq!(id, 3);

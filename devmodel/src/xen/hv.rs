@@ -74,6 +74,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn map_io_range(&self, id: u16, kind: IoRange, start: u64, end: u64) -> io::Result<()>;
     /// `XEN_DMOP_unmap_io_range_from_ioreq_server` (`end` inclusive).
     fn unmap_io_range(&self, id: u16, kind: IoRange, start: u64, end: u64) -> io::Result<()>;
+    /// `XEN_DMOP_get_ioreq_server_info` (without gfns) on server `id`:
+    /// fails once Xen has destroyed the server, which it does as soon as
+    /// the domain starts dying — even while our own mappings still keep
+    /// its memory, and so the domain, from being freed.
+    fn ioreq_server_alive(&self, id: u16) -> io::Result<()>;
     /// `XEN_DMOP_destroy_ioreq_server`.
     fn destroy_ioreq_server(&self, id: u16) -> io::Result<()>;
     /// `XEN_DMOP_set_pci_intx_level` (segment 0).

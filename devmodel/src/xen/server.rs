@@ -362,7 +362,7 @@ impl<C: PciController> XenServer<C> {
             }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
-                if let Err(e) = self.hv.nr_vcpus() {
+                if let Err(e) = self.hv.ioreq_server_alive(self.id) {
                     info!("xen: domain {} gone ({e})", self.hv.domid());
                     return Ok(Exit::DomainGone);
                 }

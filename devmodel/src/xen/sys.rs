@@ -259,6 +259,19 @@ impl Hypervisor for Privcmd {
         self.dm_op::<u8>(&mut op_io_range(false, id, kind, start, end), &mut [])
     }
 
+    fn ioreq_server_alive(&self, id: u16) -> io::Result<()> {
+        let mut op = XenDmOp::new(
+            XEN_DMOP_GET_IOREQ_SERVER_INFO,
+            XenDmOpGetIoreqServerInfo {
+                id,
+                flags: XEN_DMOP_NO_GFNS,
+                ..Default::default()
+            }
+            .into(),
+        );
+        self.dm_op::<u8>(&mut op, &mut [])
+    }
+
     fn destroy_ioreq_server(&self, id: u16) -> io::Result<()> {
         let mut op = XenDmOp::new(
             XEN_DMOP_DESTROY_IOREQ_SERVER,
