@@ -263,6 +263,46 @@ fn detach_fails_in_flight_transfers_and_reports_disconnect() {
 }
 
 #[test]
+fn device_that_vanishes_fails_transfers_then_reconnects_on_the_same_port() {
+    let (mut dev, st) = FakeDevice::new(Speed::High);
+    dev.park_in = true;
+    let present = dev.present.clone();
+    let (mut d, slot) = bring_up(dev);
+    let port = d.slots[&slot].port;
+    let trbs = Driver::normal_trbs(&[(DATA_BASE, 512)], true);
+    let a = d.queue(slot, BULK_IN, &trbs);
+    d.pending.clear();
+    // Unplugged behind the backend: it tells nobody but wakes the loop.
+    present.store(false, std::sync::atomic::Ordering::SeqCst);
+    st.lock().unwrap().wakeup.as_ref().unwrap().wake();
+    let c = d.wait_transfer(slot, BULK_IN, a[0]);
+    assert_eq!(c.code, cc::USB_TRANSACTION_ERROR);
+    let ev = d
+        .wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+        .expect("disconnect event");
+    assert_eq!(ev.parameter >> 24, port as u64);
+    assert_eq!(d.portsc(port) & (PORTSC_CCS | PORTSC_CSC), PORTSC_CSC);
+    assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+    d.write_portsc(port, PORTSC_PP | PORTSC_CHANGE_MASK);
+    // Re-plugged: a new connection on the same port, usable again.
+    present.store(true, std::sync::atomic::Ordering::SeqCst);
+    d.wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+        .expect("connect event");
+    assert_eq!(
+        d.portsc(port) & (PORTSC_CCS | PORTSC_CSC),
+        PORTSC_CCS | PORTSC_CSC
+    );
+    let (code, _) = d.command(Trb {
+        parameter: 0,
+        status: 0,
+        control: (ty::DISABLE_SLOT << 10) | ((slot as u32) << 24),
+    });
+    assert_eq!(code, cc::SUCCESS);
+    let slot2 = d.address(port);
+    assert_eq!(d.get_descriptor(slot2, 1, 0, 18)[1], 1);
+}
+
+#[test]
 fn superspeed_device_lands_on_usb3_port_enabled() {
     let (dev, _st) = FakeDevice::new(Speed::Super);
     let mut d = Driver::new();

@@ -306,9 +306,36 @@ impl Xhci {
             Some(p) if p.usb3 == usb3 && p.device.is_none() => {}
             _ => return Err(AttachError::BadPort(port)),
         }
+        let mut dev = dev;
+        dev.set_wakeup(self.queue.wakeup());
         self.ports[port - 1].device = Some(dev);
         self.port_update(port, true);
         Ok(())
+    }
+
+    /// Follows devices that disconnect and reconnect by themselves (host
+    /// passthrough): a device that went away fails its transfers and shows
+    /// a disconnect, one that came back shows a new connection.
+    fn poll_connections(&mut self) {
+        for idx in 0..self.ports.len() {
+            let Some(dev) = self.ports[idx].device.as_ref() else {
+                continue;
+            };
+            let now = dev.connected();
+            let shown = self.ports[idx].portsc & PORTSC_CCS != 0;
+            if now == shown {
+                continue;
+            }
+            let port = idx + 1;
+            if !now {
+                for s in 1..=MAX_SLOTS {
+                    if self.slots[s].enabled && self.slots[s].port == port {
+                        self.fail_slot_transfers(s);
+                    }
+                }
+            }
+            self.port_update(port, true);
+        }
     }
 
     /// Unplugs the device on `port`, returning it.
@@ -655,6 +682,7 @@ impl PciController for Xhci {
 
     fn process(&mut self, irq: &mut dyn IrqSink) {
         self.process_completions();
+        self.poll_connections();
         self.flush_interrupts(irq);
     }
 
