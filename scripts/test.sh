@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: format, lints, docs, unit and
-# integration tests (the in-process guest drivers).
+# integration tests (the in-process guest drivers), the guest matrix and
+# the passthrough VM tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,3 +15,6 @@ echo "== cargo test"
 cargo test --workspace
 echo "== guest matrix (stock Debian kernels drive our xHCI over vfio-user)"
 tests/guest/run-matrix.sh
+echo "== passthrough (QEMU's USB devices, real to a VM's usbfs, through our xHCI)"
+eval "$(tests/guest/fetch.sh 2>/dev/null)"
+for k in $KERNELS; do PT_KERNEL=$k tests/passthrough/run.sh check; done

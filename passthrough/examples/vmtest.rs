@@ -334,15 +334,30 @@ impl Bot {
         }
         let csw_trbs = Driver::normal_trbs(&[(self.csw, 13)], true);
         let csw_last = *d.queue(self.slot, self.in_dci, &csw_trbs).last().unwrap();
+        lasts.push(csw_last);
+        let (slot, dci) = (self.slot, self.in_dci);
         for (i, a) in lasts.iter().enumerate() {
-            let c = d.wait_transfer(self.slot, self.in_dci, *a);
-            if c.code != cc::SUCCESS {
-                return Err(format!("TD {i}: completion code {}", c.code));
+            let what = if i + 1 == lasts.len() {
+                "CSW TD".to_string()
+            } else {
+                format!("TD {i}")
+            };
+            let ev = d.wait_event(|t| {
+                t.trb_type() == ty::TRANSFER_EVENT
+                    && (t.control >> 24) as usize == slot
+                    && ((t.control >> 16) & 0x1f) as usize == dci
+                    && t.parameter == *a
+            });
+            match ev {
+                Some(t) if t.status >> 24 == cc::SUCCESS => {}
+                Some(t) => return Err(format!("{what}: completion code {}", t.status >> 24)),
+                None => {
+                    return Err(format!(
+                        "{what}: no event; controller holds {} transfers",
+                        d.pci.controller().transfers_in_flight()
+                    ))
+                }
             }
-        }
-        let c = d.wait_transfer(self.slot, self.in_dci, csw_last);
-        if c.code != cc::SUCCESS {
-            return Err(format!("CSW TD: completion code {}", c.code));
         }
         let mut s = [0u8; 13];
         d.ram.read(self.csw, &mut s).unwrap();
@@ -481,7 +496,14 @@ fn stick_checks(r: &mut Results, written: &mut Option<String>) {
     let tds: Vec<(u64, u32)> = (0..4)
         .map(|i| (DATA_BASE + (16 << 20) + i * (1 << 20), 1 << 20))
         .collect();
-    let rp = bot.read_pipelined(&mut d, LBA, &tds);
+    let rp = bot.read_pipelined(&mut d, LBA, &tds).map_err(|e| {
+        format!(
+            "{e}; backend: {} URBs, {} transfers, {:?}",
+            mon.urbs_in_flight(),
+            mon.transfers_held(),
+            mon.stats()
+        )
+    });
     let back3 = read_guest(&d, &tds);
     let want: Vec<u8> = [data.clone(), data2.clone()].concat();
     r.check(
@@ -751,32 +773,41 @@ fn iso_checks(r: &mut Results) {
     let mut lasts = Vec::new();
     {
         let ring = d.slots.get_mut(&slot).unwrap().rings.get_mut(&dci).unwrap();
+        // Interrupt on every 10th TD (a TD that fails reports anyway): a
+        // burst of 200 completions would overflow the driver's 64-entry
+        // event ring.
         for k in 0..n {
+            let ioc = if k % 10 == 9 { ctl::IOC } else { 0 };
             let t = Trb {
                 parameter: buf + k * u64::from(pkt),
                 status: pkt,
-                control: (ty::ISOCH << 10) | ctl::IOC | (1 << 31),
+                control: (ty::ISOCH << 10) | ioc | (1 << 31),
             };
-            lasts.push(ring.push_all(&ram, &[t])[0]);
+            let a = ring.push_all(&ram, &[t])[0];
+            if ioc != 0 {
+                lasts.push(a);
+            }
         }
     }
     let t0 = Instant::now();
     d.ring_doorbell(slot, dci);
-    let mut ok = 0;
     let mut codes = std::collections::BTreeMap::new();
-    for a in &lasts {
-        let c = d.wait_transfer(slot, dci, *a);
+    let mut events = 0;
+    while let Some(c) = d.next_transfer(slot, dci) {
         *codes.entry(c.code).or_insert(0) += 1;
-        if c.code == cc::SUCCESS && c.residue == 0 {
-            ok += 1;
+        events += 1;
+        if c.trb == *lasts.last().unwrap() || events > n {
+            break;
         }
     }
     let ms = t0.elapsed().as_millis();
+    let ok = codes.get(&cc::SUCCESS).copied().unwrap_or(0);
     r.check(
         "iso_out_stream",
-        si == cc::SUCCESS && code == cc::SUCCESS && ok == n,
+        si == cc::SUCCESS && code == cc::SUCCESS && ok == lasts.len() && codes.len() == 1,
         format!(
-            "{ok}/{n} packets of {pkt} B in {ms} ms, codes {codes:?}, URBs {}",
+            "{n} packets of {pkt} B in {ms} ms, events {codes:?} (want {} successes), URBs {}",
+            lasts.len(),
             mon.stats().urbs
         ),
     );
@@ -970,41 +1001,58 @@ fn removal_checks(r: &mut Results, written: Option<&String>) {
 }
 
 /// Bulk read throughput: direct usbfs (BOT by hand, one 1 MiB READ(10)
-/// at a time) versus the same through our controller and passthrough.
+/// at a time) versus the same commands through our controller and
+/// passthrough. Three alternating rounds; medians and their ratio.
 fn bench(mib: u32) {
     let Some(info) = find("HARDDRIVE").or_else(|| find("Storage")) else {
         println!("RESULT bench FAIL no stick");
         return;
     };
-    let direct = direct_read(&info, mib);
-    let rule = MatchRule::Port(info.port.clone());
-    let (dev, mon) = host(rule, None);
-    let (mut d, port) = plug(dev);
-    let (slot, devd, cfg) = enumerate(&mut d, port);
-    let mut bot = Bot::setup(&mut d, slot, &devd, &cfg);
-    let ours = bot.ready(&mut d).and_then(|_| {
-        let t = Instant::now();
-        for i in 0..mib {
-            bot.rw10(&mut d, false, i * 2048, &[(DATA_BASE, 1 << 20)])?;
+    let mut direct = Vec::new();
+    let mut ours = Vec::new();
+    let mut zc = (0, 0);
+    for round in 0..3 {
+        match direct_read(&info, mib) {
+            Ok(t) => direct.push(f64::from(mib) / t.as_secs_f64()),
+            Err(e) => return println!("RESULT bench FAIL direct round {round}: {e}"),
         }
-        Ok(t.elapsed())
-    });
-    match (direct, ours) {
-        (Ok(td), Ok(to)) => {
-            let a = f64::from(mib) / td.as_secs_f64();
-            let b = f64::from(mib) / to.as_secs_f64();
-            println!("METRIC direct_usbfs_read_mibps {a:.1}");
-            println!("METRIC passthrough_read_mibps {b:.1}");
-            println!("METRIC passthrough_ratio {:.2}", b / a);
-            println!(
-                "METRIC zero_copy_urbs {} of {}",
-                mon.stats().zero_copy_urbs,
-                mon.stats().urbs
-            );
-            println!("RESULT bench PASS {mib} MiB: direct {a:.1} MiB/s, passthrough {b:.1} MiB/s, ratio {:.2}", b / a);
+        let (dev, mon) = host(MatchRule::Port(info.port.clone()), None);
+        let (mut d, port) = plug(dev);
+        let (slot, devd, cfg) = enumerate(&mut d, port);
+        let mut bot = Bot::setup(&mut d, slot, &devd, &cfg);
+        let r = bot.ready(&mut d).and_then(|_| {
+            let t = Instant::now();
+            for i in 0..mib {
+                bot.rw10(&mut d, false, (i % 64) * 2048, &[(DATA_BASE, 1 << 20)])?;
+            }
+            Ok(t.elapsed())
+        });
+        match r {
+            Ok(t) => ours.push(f64::from(mib) / t.as_secs_f64()),
+            Err(e) => return println!("RESULT bench FAIL passthrough round {round}: {e}"),
         }
-        (a, b) => println!("RESULT bench FAIL direct {a:?} ours {b:?}"),
+        zc = (mon.stats().zero_copy_urbs, mon.stats().urbs);
+        drop(d);
+        // The host's usb-storage driver binds again before the next round.
+        wait_until(Duration::from_secs(10), || {
+            iface_driver(&info.port, 0).is_some_and(|d| d != "usbfs")
+        });
+        println!("METRIC round{round}_direct_mibps {:.1}", direct[round]);
+        println!("METRIC round{round}_passthrough_mibps {:.1}", ours[round]);
     }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (a, b) = (median(&mut direct), median(&mut ours));
+    println!("METRIC direct_usbfs_read_mibps {a:.1}");
+    println!("METRIC passthrough_read_mibps {b:.1}");
+    println!("METRIC passthrough_ratio {:.2}", b / a);
+    println!("METRIC zero_copy_urbs {} of {}", zc.0, zc.1);
+    println!(
+        "RESULT bench PASS {mib} MiB x 3: direct {a:.1} MiB/s, passthrough {b:.1} MiB/s, ratio {:.2}",
+        b / a
+    );
 }
 
 /// BOT READ(10) straight through usbfs, synchronously (submit, wait, reap).
@@ -1059,7 +1107,7 @@ fn direct_read(info: &HostDeviceInfo, mib: u32) -> Result<Duration, String> {
         c[12] = 0x80;
         c[14] = 10;
         c[15] = 0x28;
-        c[17..21].copy_from_slice(&(i * 2048).to_be_bytes());
+        c[17..21].copy_from_slice(&((i % 64) * 2048).to_be_bytes());
         c[22..24].copy_from_slice(&2048u16.to_be_bytes());
         xfer(bout, &mut c)?;
         let n = xfer(bin, &mut data)?;

@@ -2,9 +2,11 @@
 # Runs inside the passthrough test VM (busybox sh). The host's root file
 # system arrives read-only over 9p; the test binary runs from it as built,
 # chrooted, against this kernel's usbfs. Kernel command line: pt_bin=PATH
-# (the vmtest example), pt_mode=check|bench, pt_arg=N.
+# (the vmtest example), pt_mode=check|bench, pt_arg=N, pt_log=FILTER
+# (tracing filter, e.g. passthrough=debug).
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 BIN=$(arg pt_bin); MODE=$(arg pt_mode); ARG=$(arg pt_arg)
+PT_LOG=$(arg pt_log); export PT_LOG
 for m in xhci-pci usb-storage sd_mod virtio_pci 9pnet_virtio 9p; do modprobe $m; done
 mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host; then

@@ -9,7 +9,8 @@
 # QMP: a key press for the keyboard, unplug and re-plug of the stick.
 #
 # Usage: tests/passthrough/run.sh [check | bench [MiB]]
-# Env: PT_KERNEL (default: the first of fetch.sh's kernels).
+# Env: PT_KERNEL (default: the first of fetch.sh's kernels), PT_LOG (the
+# backend's tracing filter inside the VM, default info).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -32,7 +33,7 @@ key() { # $1 = true (press) | false (release)
 
 export GUEST_SCRIPT=$HERE/guest.sh GUEST_MEM=1024 TIMEOUT=${PT_TIMEOUT:-290}
 export EXTRA_MODULES="fs/9p net/9p fs/netfs fs/fscache drivers/virtio"
-export APPEND="pt_bin=$BIN pt_mode=$MODE pt_arg=$ARG"
+export APPEND="pt_bin=$BIN pt_mode=$MODE pt_arg=$ARG pt_log=${PT_LOG:-info}"
 t=$(date +%s)
 "$ROOT/tests/guest/boot.sh" "$K" "$W/guest.log" \
   -device qemu-xhci,id=xhci \
