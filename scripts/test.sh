@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: format, lints, docs, unit and
-# integration tests (the in-process guest drivers).
+# integration tests (the in-process guest drivers), the guest matrix and
+# the passthrough VM tests and the real-Xen test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,10 +15,9 @@ echo "== cargo test"
 cargo test --workspace
 echo "== guest matrix (stock Debian kernels drive our xHCI over vfio-user)"
 tests/guest/run-matrix.sh
-if [ "${XEN_TESTBED:-0}" = 1 ]; then
-  # Opt-in until xen-usb-dm exits by itself when its domain dies (the bed's
-  # only failing check, see tests/xen/README.md).
-  echo "== real Xen (Xen 4.20 + dom0 in QEMU 7.2; an HVM guest drives our xHCI as a secondary ioreq server)"
-  cargo build --release -q -p devmodel
-  tests/xen/run.sh target/release/xen-usb-dm
-fi
+echo "== passthrough (QEMU's USB devices, real to a VM's usbfs, through our xHCI)"
+eval "$(tests/guest/fetch.sh 2>/dev/null)"
+for k in $KERNELS; do PT_KERNEL=$k tests/passthrough/run.sh check; done
+echo "== real Xen (Xen 4.20 + dom0 in QEMU 7.2; an HVM guest drives our xHCI as a secondary ioreq server)"
+cargo build --release -q -p devmodel
+tests/xen/run.sh target/release/xen-usb-dm

@@ -120,6 +120,8 @@ pub fn parse_pci(s: &str) -> Option<(u16, u8, u8, u8)> {
 pub enum DeviceKind {
     /// USB mass storage on an image file.
     Storage,
+    /// A physical USB device of this host, passed through usbfs.
+    Host,
 }
 
 /// Device speed in the configuration.
@@ -144,9 +146,53 @@ pub struct Device {
     /// Read-only medium.
     #[serde(default)]
     pub readonly: bool,
-    /// Bus speed.
-    #[serde(default)]
-    pub speed: SpeedCfg,
+    /// Bus speed (storage: default "super"; host: the root port kind,
+    /// default the speed of the device found at start).
+    pub speed: Option<SpeedCfg>,
+    /// Host: bus number (with `addr`).
+    pub bus: Option<u32>,
+    /// Host: device address on `bus`.
+    pub addr: Option<u32>,
+    /// Host: port path, e.g. "1-2.3".
+    pub port: Option<String>,
+    /// Host: idVendor (with `product`).
+    pub vendor: Option<u16>,
+    /// Host: idProduct.
+    pub product: Option<u16>,
+    /// Host: serial number string (with `vendor` and `product`).
+    pub serial: Option<String>,
+}
+
+impl Device {
+    /// The match rule of a `kind = "host"` device (after [`Config::parse`]
+    /// validated it).
+    pub fn host_rule(&self) -> Option<passthrough::MatchRule> {
+        use passthrough::MatchRule;
+        match (self, self.port.as_ref()) {
+            (_, Some(p)) => Some(MatchRule::Port(p.clone())),
+            (
+                Device {
+                    bus: Some(b),
+                    addr: Some(a),
+                    ..
+                },
+                None,
+            ) => Some(MatchRule::BusAddr { bus: *b, addr: *a }),
+            (
+                Device {
+                    vendor: Some(v),
+                    product: Some(p),
+                    ..
+                },
+                None,
+            ) => Some(MatchRule::Id {
+                vendor: *v,
+                product: *p,
+                serial: self.serial.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// The whole file.
@@ -297,11 +343,80 @@ impl Config {
                         ));
                     }
                     d.image = Some(full);
+                    for (key, set) in [
+                        ("bus", d.bus.is_some()),
+                        ("addr", d.addr.is_some()),
+                        ("port", d.port.is_some()),
+                        ("vendor", d.vendor.is_some()),
+                        ("product", d.product.is_some()),
+                        ("serial", d.serial.is_some()),
+                    ] {
+                        if set {
+                            return Err(invalid(
+                                format!("device[{i}].{key}"),
+                                "only for kind = \"host\"".into(),
+                            ));
+                        }
+                    }
+                }
+                DeviceKind::Host => {
+                    if let Err((key, msg)) = check_host(d) {
+                        return Err(invalid(format!("device[{i}].{key}"), msg));
+                    }
                 }
             }
         }
         Ok(cfg)
     }
+}
+
+/// Checks a `kind = "host"` entry: exactly one way to match, complete,
+/// and no storage keys. The error names the key.
+fn check_host(d: &Device) -> Result<(), (&'static str, String)> {
+    if d.image.is_some() {
+        return Err(("image", "only for kind = \"storage\"".into()));
+    }
+    if d.readonly {
+        return Err(("readonly", "only for kind = \"storage\"".into()));
+    }
+    let by_addr = d.bus.is_some() || d.addr.is_some();
+    let by_port = d.port.is_some();
+    let by_id = d.vendor.is_some() || d.product.is_some() || d.serial.is_some();
+    let ways = [by_addr, by_port, by_id].iter().filter(|b| **b).count();
+    if ways == 0 {
+        return Err((
+            "port",
+            "kind = \"host\" needs bus + addr, port, or vendor + product (+ serial)".into(),
+        ));
+    }
+    if ways > 1 {
+        let key = if by_port { "port" } else { "bus" };
+        return Err((
+            key,
+            "give one of bus + addr, port, vendor + product (+ serial)".into(),
+        ));
+    }
+    if by_addr && d.bus.is_none() {
+        return Err(("bus", "required with addr".into()));
+    }
+    if by_addr && d.addr.is_none() {
+        return Err(("addr", "required with bus".into()));
+    }
+    if by_id && d.vendor.is_none() {
+        return Err(("vendor", "required with product or serial".into()));
+    }
+    if by_id && d.product.is_none() {
+        return Err(("product", "required with vendor or serial".into()));
+    }
+    let rule = d.host_rule().ok_or(("port", "no match rule".to_string()))?;
+    rule.validate().map_err(|e| {
+        let key = match e {
+            passthrough::RuleError::BadPort(_) => "port",
+            passthrough::RuleError::BadAddr(_) => "addr",
+            passthrough::RuleError::BadBus(_) => "bus",
+        };
+        (key, e.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -383,6 +498,69 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("transport.domid"), "{e}");
+    }
+
+    const HEAD: &str = "[controller]\nmodel = \"xhci\"\n[transport]\nkind=\"vfio-user\"\nsocket=\"/tmp/nonexistent-sock\"\n";
+
+    #[test]
+    fn host_devices_by_each_rule() {
+        let cfg = parse(&format!(
+            "{HEAD}[[device]]\nkind=\"host\"\nbus=1\naddr=4\n\
+             [[device]]\nkind=\"host\"\nport=\"2-1.3\"\nspeed=\"high\"\n\
+             [[device]]\nkind=\"host\"\nvendor=0x46f4\nproduct=0x0001\nserial=\"X1\"\n"
+        ))
+        .unwrap();
+        use passthrough::MatchRule;
+        assert_eq!(
+            cfg.devices[0].host_rule(),
+            Some(MatchRule::BusAddr { bus: 1, addr: 4 })
+        );
+        assert_eq!(
+            cfg.devices[1].host_rule(),
+            Some(MatchRule::Port("2-1.3".into()))
+        );
+        assert_eq!(cfg.devices[1].speed, Some(SpeedCfg::High));
+        assert_eq!(
+            cfg.devices[2].host_rule(),
+            Some(MatchRule::Id {
+                vendor: 0x46f4,
+                product: 1,
+                serial: Some("X1".into())
+            })
+        );
+    }
+
+    #[test]
+    fn host_device_errors_name_the_key() {
+        let cases = [
+            ("", "device[0].port"),
+            ("bus=1\n", "device[0].addr"),
+            ("addr=3\n", "device[0].bus"),
+            ("vendor=1\n", "device[0].product"),
+            ("serial=\"a\"\n", "device[0].vendor"),
+            ("port=\"1-\"\n", "device[0].port"),
+            ("bus=1\naddr=200\n", "device[0].addr"),
+            ("port=\"1-1\"\nvendor=1\nproduct=2\n", "device[0].port"),
+            ("port=\"1-1\"\nimage=\"x.img\"\n", "device[0].image"),
+            ("vendor=0x10000\nproduct=1\n", "vendor"),
+            ("bsu=1\n", "bsu"),
+        ];
+        for (body, key) in cases {
+            let e = parse(&format!("{HEAD}[[device]]\nkind=\"host\"\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{body:?}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.img"), vec![0u8; 512]).unwrap();
+        let e = Config::parse(
+            &format!("{HEAD}[[device]]\nkind=\"storage\"\nimage=\"s.img\"\nport=\"1-1\"\n"),
+            &dir.path().join("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("device[0].port"), "{e}");
     }
 
     #[test]

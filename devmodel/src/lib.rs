@@ -39,7 +39,7 @@ pub fn build_xhci(
                     .image
                     .as_deref()
                     .context(format!("device[{i}].image missing"))?;
-                let speed = match d.speed {
+                let speed = match d.speed.unwrap_or_default() {
                     config::SpeedCfg::High => Speed::High,
                     config::SpeedCfg::Super => Speed::Super,
                 };
@@ -55,6 +55,33 @@ pub fn build_xhci(
                     (blocks * 512) >> 20,
                     if d.readonly { ", read-only" } else { "" }
                 );
+            }
+            config::DeviceKind::Host => {
+                let rule = d
+                    .host_rule()
+                    .context(format!("device[{i}]: no match rule"))?;
+                let opts = passthrough::HostOptions {
+                    speed: d.speed.map(|s| match s {
+                        config::SpeedCfg::High => Speed::High,
+                        config::SpeedCfg::Super => Speed::Super,
+                    }),
+                    ..Default::default()
+                };
+                let dev = passthrough::HostDevice::new(rule.clone(), opts)
+                    .with_context(|| format!("device[{i}]: host {rule}"))?;
+                let present = dev.monitor().device();
+                let port = x
+                    .attach(Box::new(dev))
+                    .with_context(|| format!("device[{i}]: attach"))?;
+                match present {
+                    Some(h) => info!(
+                        "device[{i}]: host {rule} (now {} at bus {} addr {}) on root port {port}",
+                        h.port, h.bus, h.addr
+                    ),
+                    None => {
+                        info!("device[{i}]: host {rule} (not plugged in yet) on root port {port}")
+                    }
+                }
             }
         }
     }

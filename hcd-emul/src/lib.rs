@@ -14,7 +14,7 @@ pub mod mem;
 pub mod storage;
 pub mod usb;
 
-pub use mem::{DmaError, FileCursor, GuestRam};
+pub use mem::{DmaError, FileCursor, GuestRam, HostRange};
 pub use storage::{StorageError, UsbStorage};
 pub mod pci;
 pub mod xhci;

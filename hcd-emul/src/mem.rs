@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use vm_memory::atomic::GuestMemoryLoadGuard;
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
-    ReadVolatile, WriteVolatile,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, ReadVolatile, WriteVolatile,
 };
 
 /// An access to guest memory that could not be carried out.
@@ -93,7 +93,13 @@ impl GuestRam {
     ) -> Result<GuestMemoryLoadGuard<GuestMemoryMmap>, DmaError> {
         Self::check(addr, len)?;
         let covers = |m: &GuestMemoryMmap| {
-            len == 0 || m.check_range(GuestAddress(addr), len, vm_memory::Permissions::ReadWrite)
+            len == 0
+                || GuestMemory::check_range(
+                    m,
+                    GuestAddress(addr),
+                    len,
+                    vm_memory::Permissions::ReadWrite,
+                )
         };
         let mem = self.inner.memory();
         if covers(&mem) {
@@ -208,6 +214,27 @@ impl GuestRam {
         self.mem(addr, len).is_ok()
     }
 
+    /// The host address of `[addr, addr+len)` when the whole range lies in
+    /// one mapped region, kept mapped for as long as the returned
+    /// [`HostRange`] lives (a later [`GuestRam::replace`] does not unmap
+    /// it). For backends that hand guest buffers to the host kernel
+    /// (zero-copy); `None` for an empty, unmapped or split range.
+    pub fn host_range(&self, addr: u64, len: usize) -> Option<HostRange> {
+        if len == 0 || Self::check(addr, len).is_err() {
+            return None;
+        }
+        let map = self.mem(addr, len).ok()?.into_inner();
+        let host = {
+            let slice = map.get_slice(GuestAddress(addr), len).ok()?;
+            slice.ptr_guard_mut().as_ptr() as usize
+        };
+        Some(HostRange {
+            _map: map,
+            host,
+            len,
+        })
+    }
+
     /// Fills guest memory at `addr` with `len` bytes of `file` from `file_off`,
     /// straight from the file into guest RAM (no bounce buffer). Bytes past
     /// the end of the file read as zeros.
@@ -302,6 +329,44 @@ impl GuestRam {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// A range of guest RAM at a fixed host address, mapped for as long as
+/// this value lives (it holds the memory map). Only the address is handed
+/// out: whoever dereferences it (a backend passing it to the kernel) is
+/// responsible for doing so only while the transfer that owns the range is
+/// pending.
+#[derive(Clone)]
+pub struct HostRange {
+    _map: Arc<GuestMemoryMmap>,
+    host: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for HostRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRange")
+            .field("host", &format_args!("{:#x}", self.host))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HostRange {
+    /// First byte, as a host pointer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.host as *mut u8
+    }
+
+    /// Length in bytes (never 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: empty ranges are never handed out.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -467,7 +532,12 @@ mod tests {
         let held = ram.inner.memory();
         ram.replace(GuestMemoryMmap::default());
         assert!(
-            held.check_range(GuestAddress(0x1fffe), 4, vm_memory::Permissions::ReadWrite),
+            GuestMemory::check_range(
+                &*held,
+                GuestAddress(0x1fffe),
+                4,
+                vm_memory::Permissions::ReadWrite
+            ),
             "an access under way keeps its mappings"
         );
         let before = calls();
@@ -518,6 +588,23 @@ mod tests {
         let mut c = [0u8; 16];
         ram.read(0x4000, &mut c).unwrap();
         assert_eq!(c, [9; 16]);
+    }
+
+    #[test]
+    fn host_range_only_for_one_mapped_region_and_outlives_replace() {
+        let ram = GuestRam::anonymous_ranges(&[(0, 0x2000), (0x2000, 0x2000)]);
+        assert!(ram.host_range(0x1f00, 0x200).is_none(), "spans two regions");
+        assert!(ram.host_range(0x9000, 16).is_none(), "unmapped");
+        assert!(ram.host_range(0x100, 0).is_none(), "empty");
+        let r = ram.host_range(0x2100, 3).unwrap();
+        let r2 = ram.host_range(0x2180, 1).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r2.as_ptr() as usize - r.as_ptr() as usize, 0x80);
+        ram.replace(GuestMemoryMmap::default());
+        assert!(ram.host_range(0x2100, 3).is_none());
+        // `r` still holds the old map: its address stays valid (the
+        // passthrough crate reads through such ranges in its tests).
+        assert_eq!(r.len(), 3);
     }
 
     #[test]

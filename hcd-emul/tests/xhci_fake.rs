@@ -11,7 +11,7 @@ use common::{Driver, DATA_BASE};
 use hcd_emul::usb::Speed;
 use hcd_emul::xhci::context::ep_type;
 use hcd_emul::xhci::regs::*;
-use hcd_emul::xhci::trb::{cc, ty, Trb};
+use hcd_emul::xhci::trb::{cc, ctl, ty, Trb};
 
 const BULK_IN: usize = 3; // ep 1 IN
 const BULK_OUT: usize = 4; // ep 2 OUT
@@ -89,6 +89,56 @@ fn async_completions_reported_in_ring_order_with_data_in_its_own_td() {
         assert!(got == want, "TD {k} holds its own data");
     }
     assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+}
+
+/// More TDs than may be in flight, queued behind one doorbell: the
+/// controller resumes fetching as completions make room (isochronous
+/// streams queue hundreds of TDs at once). With `every_ioc` false only the
+/// last TD interrupts (a synchronous device finishes them all inside the
+/// doorbell write, more events than the test's event ring holds).
+fn many_tds_behind_one_doorbell(dev: FakeDevice, every_ioc: bool) {
+    let (mut d, slot) = bring_up(dev);
+    let n = 3 * 64 + 5;
+    let ram = d.ram.clone();
+    let mut last = Vec::new();
+    for k in 0..n {
+        let mut trbs = Driver::normal_trbs(&[(DATA_BASE + 512 * k as u64, 512)], true);
+        if !every_ioc && k + 1 < n {
+            trbs[0].control &= !ctl::IOC;
+        }
+        let ring = d
+            .slots
+            .get_mut(&slot)
+            .unwrap()
+            .rings
+            .get_mut(&BULK_IN)
+            .unwrap();
+        last.push(*ring.push_all(&ram, &trbs).last().unwrap());
+    }
+    if !every_ioc {
+        last.drain(..n - 1);
+    }
+    d.ring_doorbell(slot, BULK_IN);
+    let mut seen = Vec::new();
+    while seen.len() < last.len() {
+        let c = d.next_transfer(slot, BULK_IN).expect("every TD completes");
+        assert_eq!(c.code, cc::SUCCESS);
+        seen.push(c.trb);
+    }
+    assert_eq!(seen, last);
+    assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+}
+
+#[test]
+fn tds_beyond_the_in_flight_cap_run_without_another_doorbell_async() {
+    let (dev, _st) = FakeDevice::asynchronous(Speed::High, Duration::from_millis(1), 16);
+    many_tds_behind_one_doorbell(dev, true);
+}
+
+#[test]
+fn tds_beyond_the_in_flight_cap_run_without_another_doorbell_sync() {
+    let (dev, _st) = FakeDevice::new(Speed::High);
+    many_tds_behind_one_doorbell(dev, false);
 }
 
 #[test]
@@ -260,6 +310,46 @@ fn detach_fails_in_flight_transfers_and_reports_disconnect() {
     let sc = d.portsc(port);
     assert_eq!(sc & (PORTSC_CCS | PORTSC_CSC), PORTSC_CSC);
     assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+}
+
+#[test]
+fn device_that_vanishes_fails_transfers_then_reconnects_on_the_same_port() {
+    let (mut dev, st) = FakeDevice::new(Speed::High);
+    dev.park_in = true;
+    let present = dev.present.clone();
+    let (mut d, slot) = bring_up(dev);
+    let port = d.slots[&slot].port;
+    let trbs = Driver::normal_trbs(&[(DATA_BASE, 512)], true);
+    let a = d.queue(slot, BULK_IN, &trbs);
+    d.pending.clear();
+    // Unplugged behind the backend: it tells nobody but wakes the loop.
+    present.store(false, std::sync::atomic::Ordering::SeqCst);
+    st.lock().unwrap().wakeup.as_ref().unwrap().wake();
+    let c = d.wait_transfer(slot, BULK_IN, a[0]);
+    assert_eq!(c.code, cc::USB_TRANSACTION_ERROR);
+    let ev = d
+        .wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+        .expect("disconnect event");
+    assert_eq!(ev.parameter >> 24, port as u64);
+    assert_eq!(d.portsc(port) & (PORTSC_CCS | PORTSC_CSC), PORTSC_CSC);
+    assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+    d.write_portsc(port, PORTSC_PP | PORTSC_CHANGE_MASK);
+    // Re-plugged: a new connection on the same port, usable again.
+    present.store(true, std::sync::atomic::Ordering::SeqCst);
+    d.wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+        .expect("connect event");
+    assert_eq!(
+        d.portsc(port) & (PORTSC_CCS | PORTSC_CSC),
+        PORTSC_CCS | PORTSC_CSC
+    );
+    let (code, _) = d.command(Trb {
+        parameter: 0,
+        status: 0,
+        control: (ty::DISABLE_SLOT << 10) | ((slot as u32) << 24),
+    });
+    assert_eq!(code, cc::SUCCESS);
+    let slot2 = d.address(port);
+    assert_eq!(d.get_descriptor(slot2, 1, 0, 18)[1], 1);
 }
 
 #[test]

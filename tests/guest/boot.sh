@@ -3,6 +3,7 @@
 # Boots a stock Debian kernel under TCG with a busybox initramfs that runs
 # $GUEST_SCRIPT (default storage-checks.sh), serial console into LOG.
 # Env: APPEND (extra kernel command line), TIMEOUT (s, default 900),
+#      EXTRA_MODULES (more module subtrees for the initramfs),
 #      GUEST_MEM (MiB, default 512).
 # Exit status: 0 if the guest printed GUEST-DONE and no "RESULT ... FAIL".
 set -euo pipefail
@@ -11,7 +12,7 @@ VER=$1 LOG=$2; shift 2
 eval "$("$HERE/fetch.sh" 2>/dev/null)"
 SCRIPT=${GUEST_SCRIPT:-$HERE/storage-checks.sh}
 KDIR=$XEN_USB_CACHE/kernel-$VER
-key=$( (cat "$SCRIPT" "$HERE/mkinitrd.sh"; echo "${BUSYBOX:-}") | sha256sum | cut -c1-12)
+key=$( (cat "$SCRIPT" "$HERE/mkinitrd.sh"; echo "${BUSYBOX:-}${EXTRA_MODULES:-}") | sha256sum | cut -c1-12)
 INITRD=$XEN_USB_CACHE/initrd-$VER-$key.cpio.gz
 if [ ! -f "$INITRD" ]; then
   BUSYBOX=${BUSYBOX:-} "$HERE/mkinitrd.sh" "$KDIR" "$VER" "$INITRD.tmp" "$SCRIPT"

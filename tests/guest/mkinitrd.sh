@@ -3,7 +3,8 @@
 # A busybox initramfs with the kernel's USB/SCSI/ext4 modules (decompressed,
 # depmod'ed), e2fsprogs from the host, and /init running GUEST_SCRIPT then
 # powering off. Env: BUSYBOX = a static busybox (default /bin/busybox;
-# fetch.sh caches bookworm's busybox-static and prints its path).
+# fetch.sh caches bookworm's busybox-static and prints its path);
+# EXTRA_MODULES = more module subtrees (e.g. "fs/9p net/9p drivers/virtio").
 set -euo pipefail
 KDIR=$1 VER=$2 OUT=$3 SCRIPT=$4
 W=$(mktemp -d)
@@ -31,7 +32,7 @@ ln -sf /bin/busybox "$R/sbin/modprobe"
 M=$KDIR/lib/modules/$VER
 D=$R/lib/modules/$VER
 mkdir -p "$D/kernel"
-for sub in block drivers/usb drivers/scsi fs/ext4 fs/jbd2 fs/mbcache.ko fs/mbcache.ko.xz lib crypto arch/x86/crypto; do
+for sub in block drivers/usb drivers/scsi fs/ext4 fs/jbd2 fs/mbcache.ko fs/mbcache.ko.xz lib crypto arch/x86/crypto ${EXTRA_MODULES:-}; do
   [ -e "$M/kernel/$sub" ] || continue
   mkdir -p "$D/kernel/$(dirname "$sub")"
   cp -r "$M/kernel/$sub" "$D/kernel/$(dirname "$sub")/"

@@ -39,11 +39,10 @@ fi
 domid=$(xl domid xtb-guest)
 result xl_create PASS "domid $domid"
 
-# The stick's image lives in dom0's tmpfs and goes back to the share at the
-# end: with the image on 9p, xen-usb-dm's reads and writes straight between
-# the file and foreign-mapped guest memory fail (most likely 9p's zero-copy
-# path cannot pin privcmd-mapped pages). STICK_ON_SHARE=1 keeps it on the
-# share to reproduce that.
+# The stick's image stays on the 9p share (default): 9p's zero-copy path
+# cannot pin privcmd-mapped guest pages, so this also exercises
+# xen-usb-dm's fallback to a bounce buffer. STICK_ON_SHARE=0 serves it from
+# dom0's tmpfs instead (copied back to the share at the end).
 if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
 else STICK=/tmp/stick.img; cp "$R/stick.img" "$STICK"; fi
 

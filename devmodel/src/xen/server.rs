@@ -339,6 +339,7 @@ impl<C: PciController> XenServer<C> {
     /// Serves until `stop()` returns true or the domain goes away.
     pub fn run(&mut self, mut stop: impl FnMut() -> bool) -> Result<Exit, XenError> {
         let mut last_check = Instant::now();
+        let mut logged = 0;
         loop {
             if stop() {
                 return Ok(Exit::Stopped);
@@ -362,6 +363,15 @@ impl<C: PciController> XenServer<C> {
             }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
+                // At most one line a second, only while the guest is busy.
+                if self.stats.ioreqs != logged {
+                    logged = self.stats.ioreqs;
+                    let s = &self.stats;
+                    info!(
+                        "xen: stats: {} ioreqs ({} MMIO, {} config, {} PIO)",
+                        s.ioreqs, s.mmio, s.config, s.pio
+                    );
+                }
                 if let Err(e) = self.hv.ioreq_server_alive(self.id) {
                     info!("xen: domain {} gone ({e})", self.hv.domid());
                     return Ok(Exit::DomainGone);

@@ -13,7 +13,7 @@ mod transfer;
 
 pub use transfer::{
     CompletionQueue, IsoPacket, Segment, Transfer, TransferHandle, TransferId, TransferKind,
-    TransferResult, TransferStatus,
+    TransferResult, TransferStatus, Wakeup,
 };
 
 /// Bus speed of a device (USB 3.2 §9.6.1; xHCI 1.2 §7.2.2.1.1 default PSIs).
@@ -130,6 +130,21 @@ pub trait UsbDevice: Send + std::fmt::Debug {
     /// [`TransferHandle::cancel`]); this only lets the device drop its own
     /// work (a passthrough backend discards the host URB).
     fn cancel(&mut self, id: TransferId);
+
+    /// Whether a device is present behind this object now. Backends whose
+    /// device can vanish and come back (host passthrough: unplugged and
+    /// re-plugged) return `false` meanwhile; the controller shows a
+    /// disconnect on the port (failing the transfers in flight) and a new
+    /// connection when this turns `true` again. It asks after every wake-up
+    /// (see [`UsbDevice::set_wakeup`]). Emulated devices are always there.
+    fn connected(&self) -> bool {
+        true
+    }
+
+    /// Called once when the device is plugged into a controller: `wakeup`
+    /// wakes the controller's event loop, for a device whose
+    /// [`UsbDevice::connected`] changes without a transfer completing.
+    fn set_wakeup(&mut self, _wakeup: Wakeup) {}
 }
 
 /// USB 2.0 standard request codes (table 9-4).

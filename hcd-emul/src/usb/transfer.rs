@@ -15,7 +15,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Direction, SetupPacket};
-use crate::mem::{DmaError, FileCursor, GuestRam};
+use crate::mem::{DmaError, FileCursor, GuestRam, HostRange};
 
 /// Identifies a transfer within one controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,6 +134,16 @@ impl CompletionQueue {
         }
     }
 
+    /// A handle that only wakes the controller's event loop: devices whose
+    /// state changes without a transfer (a passthrough device unplugged
+    /// while idle) use it so the controller looks at
+    /// [`super::UsbDevice::connected`] again.
+    pub fn wakeup(&self) -> Wakeup {
+        Wakeup {
+            inner: self.inner.clone(),
+        }
+    }
+
     /// Takes every completion posted so far, oldest first.
     pub fn drain(&self) -> Vec<TransferResult> {
         lock(&self.inner.q).drain(..).collect()
@@ -142,6 +152,27 @@ impl CompletionQueue {
     /// Whether completions are waiting.
     pub fn is_empty(&self) -> bool {
         lock(&self.inner.q).is_empty()
+    }
+}
+
+/// Wakes a controller's event loop (see [`CompletionQueue::wakeup`]).
+#[derive(Clone)]
+pub struct Wakeup {
+    inner: Arc<QueueInner>,
+}
+
+impl std::fmt::Debug for Wakeup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wakeup")
+    }
+}
+
+impl Wakeup {
+    /// Runs the controller's waker, if one is installed.
+    pub fn wake(&self) {
+        if let Some(w) = lock(&self.inner.waker).as_ref() {
+            w();
+        }
     }
 }
 
@@ -309,6 +340,24 @@ impl Transfer {
     /// Whether the controller has cancelled the transfer.
     pub fn is_cancelled(&self) -> bool {
         *lock(&self.shared.state) == State::Cancelled
+    }
+
+    /// The whole data buffer as one range of host memory, when it is one
+    /// contiguous piece of guest RAM inside one mapped region (and the
+    /// transfer is still pending). For zero-copy backends that hand the
+    /// buffer to the host kernel. The contract: the backend stops every
+    /// access through the range before its [`super::UsbDevice::cancel`]
+    /// for this transfer returns, so a cancelled transfer's memory is not
+    /// touched once the controller has finished cancelling it.
+    pub fn host_buffer(&self) -> Option<HostRange> {
+        let st = lock(&self.shared.state);
+        if *st != State::Pending {
+            return None;
+        }
+        match self.segments.as_slice() {
+            [Segment::Guest { addr, len }] => self.ram.host_range(*addr, *len),
+            _ => None,
+        }
     }
 
     /// Walks the segments covering `[offset, offset+len)`, calling `f` with
@@ -508,6 +557,49 @@ mod tests {
         assert_eq!(t.write_data(0, &[1, 2, 3, 4]).unwrap(), 0);
         assert_eq!(ram.read_u32(0x100).unwrap(), 0);
         t.complete(TransferStatus::Success, 4);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn host_buffer_only_for_one_pending_guest_segment() {
+        let ram = GuestRam::anonymous(0x10000);
+        let q = CompletionQueue::new();
+        let one = vec![Segment::Guest {
+            addr: 0x1000,
+            len: 0x800,
+        }];
+        let (t, h) = xfer(&ram, &q, one);
+        let r = t.host_buffer().unwrap();
+        assert_eq!(r.len(), 0x800);
+        h.cancel();
+        assert!(t.host_buffer().is_none(), "cancelled");
+        let two = vec![
+            Segment::Guest {
+                addr: 0x1000,
+                len: 8,
+            },
+            Segment::Guest {
+                addr: 0x3000,
+                len: 8,
+            },
+        ];
+        let (t2, _h2) = xfer(&ram, &q, two);
+        assert!(t2.host_buffer().is_none(), "scattered");
+        let (t3, _h3) = xfer(&ram, &q, vec![Segment::Inline(vec![1, 2])]);
+        assert!(t3.host_buffer().is_none(), "immediate data");
+    }
+
+    #[test]
+    fn wakeup_runs_the_waker_without_posting() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let q = CompletionQueue::new();
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        q.set_waker(move || {
+            n2.fetch_add(1, Ordering::SeqCst);
+        });
+        q.wakeup().wake();
+        assert_eq!(n.load(Ordering::SeqCst), 1);
         assert!(q.is_empty());
     }
 

@@ -139,7 +139,11 @@ impl Xhci {
         if !(1..=self.ports.len()).contains(&port) {
             return cc::TRB_ERROR;
         }
-        if self.ports[port - 1].device.is_none() {
+        if !self.ports[port - 1]
+            .device
+            .as_ref()
+            .is_some_and(|d| d.connected())
+        {
             return cc::USB_TRANSACTION_ERROR;
         }
         if ep0_in.ep_type() != ep_type::CONTROL || ep0_in.max_packet() == 0 {

@@ -84,6 +84,9 @@ struct Endpoint {
     max_packet: u32,
     ring: RingPos,
     inflight: VecDeque<InFlight>,
+    /// Fetching stopped at the in-flight cap with TDs possibly left on the
+    /// ring: resumed when completions make room (no doorbell needed).
+    starved: bool,
 }
 
 #[derive(Debug)]
@@ -306,9 +309,36 @@ impl Xhci {
             Some(p) if p.usb3 == usb3 && p.device.is_none() => {}
             _ => return Err(AttachError::BadPort(port)),
         }
+        let mut dev = dev;
+        dev.set_wakeup(self.queue.wakeup());
         self.ports[port - 1].device = Some(dev);
         self.port_update(port, true);
         Ok(())
+    }
+
+    /// Follows devices that disconnect and reconnect by themselves (host
+    /// passthrough): a device that went away fails its transfers and shows
+    /// a disconnect, one that came back shows a new connection.
+    fn poll_connections(&mut self) {
+        for idx in 0..self.ports.len() {
+            let Some(dev) = self.ports[idx].device.as_ref() else {
+                continue;
+            };
+            let now = dev.connected();
+            let shown = self.ports[idx].portsc & PORTSC_CCS != 0;
+            if now == shown {
+                continue;
+            }
+            let port = idx + 1;
+            if !now {
+                for s in 1..=MAX_SLOTS {
+                    if self.slots[s].enabled && self.slots[s].port == port {
+                        self.fail_slot_transfers(s);
+                    }
+                }
+            }
+            self.port_update(port, true);
+        }
     }
 
     /// Unplugs the device on `port`, returning it.
@@ -551,20 +581,45 @@ impl Xhci {
         }
     }
 
-    /// Applies every completion devices have posted, in order per endpoint.
+    /// Applies every completion devices have posted, in order per endpoint,
+    /// then resumes fetching on endpoints that were at the in-flight cap.
+    /// Bounded: each round either fetches new TDs or ends the loop.
     fn process_completions(&mut self) {
-        for r in self.queue.drain() {
-            let Some(&(s, e)) = self.inflight.get(&r.id) else {
-                continue; // cancelled meanwhile
-            };
-            if let Some(t) = self.slots[s].eps[e]
-                .inflight
-                .iter_mut()
-                .find(|t| t.id == r.id)
-            {
-                t.result = Some(r);
+        for _ in 0..limits::TRBS_PER_KICK {
+            for r in self.queue.drain() {
+                let Some(&(s, e)) = self.inflight.get(&r.id) else {
+                    continue; // cancelled meanwhile
+                };
+                if let Some(t) = self.slots[s].eps[e]
+                    .inflight
+                    .iter_mut()
+                    .find(|t| t.id == r.id)
+                {
+                    t.result = Some(r);
+                }
+                self.retire(s, e);
             }
-            self.retire(s, e);
+            let mut resumed = false;
+            for s in 1..=MAX_SLOTS {
+                if !self.slots[s].enabled {
+                    continue;
+                }
+                for dci in 1..32 {
+                    let ep = &self.slots[s].eps[dci];
+                    // Only a doorbell restarts a stopped endpoint.
+                    if ep.starved
+                        && ep.state == EpState::Running
+                        && ep.inflight.len() < limits::TDS_IN_FLIGHT
+                    {
+                        self.slots[s].eps[dci].starved = false;
+                        self.fetch_tds(s, dci);
+                        resumed = true;
+                    }
+                }
+            }
+            if !resumed && self.queue.is_empty() {
+                return;
+            }
         }
     }
 }
@@ -655,6 +710,7 @@ impl PciController for Xhci {
 
     fn process(&mut self, irq: &mut dyn IrqSink) {
         self.process_completions();
+        self.poll_connections();
         self.flush_interrupts(irq);
     }
 

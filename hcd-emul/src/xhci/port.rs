@@ -19,7 +19,7 @@ impl Xhci {
         let old = p.portsc;
         let keep = p.portsc & (PORTSC_WAKE_MASK | (3 << PORTSC_PIC_SHIFT));
         let mut sc = PORTSC_PP | keep;
-        match p.device.as_ref() {
+        match p.device.as_ref().filter(|d| d.connected()) {
             Some(d) => {
                 let speed = match d.speed() {
                     Speed::Low => speed_id::LOW,

@@ -31,6 +31,14 @@ enum Fetch {
 
 impl Xhci {
     pub(super) fn kick_endpoint(&mut self, s: usize, dci: usize) {
+        self.fetch_tds(s, dci);
+        self.process_completions();
+    }
+
+    /// Turns the TDs on the ring into transfers until the ring is empty,
+    /// the endpoint stops running, or [`limits::TDS_IN_FLIGHT`] are in
+    /// flight (then `starved` is set: completions resume the fetch).
+    pub(super) fn fetch_tds(&mut self, s: usize, dci: usize) {
         if !(1..=super::regs::MAX_SLOTS).contains(&s) || !self.slots[s].enabled {
             guest_warn!(target: "xhci::transfer", "doorbell for disabled slot {s}");
             return;
@@ -71,7 +79,8 @@ impl Xhci {
                 }
             }
         }
-        self.process_completions();
+        let ep = &mut self.slots[s].eps[dci];
+        ep.starved = ep.state == EpState::Running && ep.inflight.len() >= limits::TDS_IN_FLIGHT;
     }
 
     /// The next TRB, or the outcome a fetch ends with when there is none.

@@ -1,12 +1,13 @@
 //! Scripted fake USB devices for controller tests.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hcd_emul::usb::{
-    Direction, Speed, Transfer, TransferId, TransferKind, TransferStatus, UsbDevice,
+    Direction, Speed, Transfer, TransferId, TransferKind, TransferStatus, UsbDevice, Wakeup,
 };
 
 /// Device descriptor of the fake (vendor 0x1234, product 0x5678).
@@ -50,6 +51,8 @@ pub struct FakeState {
     pub cancels: Vec<TransferId>,
     /// Ids of bulk IN transfers in submission order.
     pub in_ids: Vec<u64>,
+    /// The controller's wake-up handle, once plugged in.
+    pub wakeup: Option<Wakeup>,
 }
 
 /// The pattern bulk IN transfer number `seq` carries.
@@ -68,6 +71,9 @@ pub struct FakeDevice {
     /// until cancel or reset — to test Stop Endpoint.
     parked: VecDeque<Transfer>,
     pub park_in: bool,
+    /// What [`UsbDevice::connected`] answers (a host device unplugged and
+    /// re-plugged behind a passthrough backend).
+    pub present: Arc<AtomicBool>,
 }
 
 impl FakeDevice {
@@ -80,6 +86,7 @@ impl FakeDevice {
                 worker: None,
                 parked: VecDeque::new(),
                 park_in: false,
+                present: Arc::new(AtomicBool::new(true)),
             },
             state,
         )
@@ -209,6 +216,12 @@ impl UsbDevice for FakeDevice {
         let (status, n) = handle_data(&self.state, &xfer);
         self.state.lock().unwrap().outstanding -= 1;
         xfer.complete(status, n);
+    }
+    fn connected(&self) -> bool {
+        self.present.load(Ordering::SeqCst)
+    }
+    fn set_wakeup(&mut self, wakeup: Wakeup) {
+        self.state.lock().unwrap().wakeup = Some(wakeup);
     }
     fn cancel(&mut self, id: TransferId) {
         self.state.lock().unwrap().cancels.push(id);
