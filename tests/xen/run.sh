@@ -182,8 +182,9 @@ echo "xen: timings: dom0 up ${t_dom0} s after QEMU start; guest console ${guest_
      "whole run $(( $(date +%s) - t_run )) s; retries $retries${reasons:+ (${reasons# })}"
 # Where the device model's requests went: it logs its running count at
 # most once a second while busy; the guest idles 5 s around the 1 MiB write
-# and the 1 MiB read, so the last two bursts are those and everything
-# before is firmware, boot and USB enumeration.
+# and the 1 MiB read, so the last three bursts are those and the guest's
+# shutdown (xhci_hcd halting the controller), and everything before is
+# firmware, boot and USB enumeration.
 if [ -f "$R/dm.log" ]; then
   sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk '
     / xen: stats: / {
@@ -195,9 +196,9 @@ if [ -f "$R/dm.log" ]; then
     END {
       if (!seen) exit
       b[++k] = prev - base
-      if (k < 3) { printf "xen: ioreqs: %d in all (%d bursts)\n", prev, k; exit }
-      e = prev - b[k] - b[k - 1]
-      printf "xen: ioreqs: %d in all: boot + USB enumeration %d (last burst %d), 1 MiB write %d, 1 MiB read %d\n", prev, e, b[k - 2], b[k - 1], b[k]
+      if (k < 4) { printf "xen: ioreqs: %d in all (%d bursts)\n", prev, k; exit }
+      e = prev - b[k] - b[k - 1] - b[k - 2]
+      printf "xen: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", prev, e, b[k - 2], b[k - 1], b[k]
     }'
 fi
 passed=$(grep -c '^RESULT .* PASS' "$out" || true)
