@@ -327,22 +327,24 @@ impl Bot {
         cdb[2..6].copy_from_slice(&lba.to_be_bytes());
         cdb[7..9].copy_from_slice(&((len / BLOCK) as u16).to_be_bytes());
         self.send_cbw(d, len, true, &cdb)?;
-        let mut lasts = Vec::new();
+        // Every TRB of each TD: an error event points at the TRB where the
+        // TD stopped, not necessarily its last.
+        let mut tds_trbs = Vec::new();
         for &td in tds {
             let trbs = Driver::normal_trbs(&[td], true);
-            lasts.push(*d.queue(self.slot, self.in_dci, &trbs).last().unwrap());
+            tds_trbs.push(d.queue(self.slot, self.in_dci, &trbs));
         }
         // The CSW's TD goes on only after the data (as Linux's usb-storage
         // does): QEMU's stick can lose a status packet queued during the
         // data phase (seen about once in eight runs).
         let (slot, dci) = (self.slot, self.in_dci);
-        let n_data = lasts.len();
+        let n_data = tds_trbs.len();
         for i in 0..=n_data {
             if i == n_data {
                 let csw_trbs = Driver::normal_trbs(&[(self.csw, 13)], true);
-                lasts.push(*d.queue(self.slot, self.in_dci, &csw_trbs).last().unwrap());
+                tds_trbs.push(d.queue(self.slot, self.in_dci, &csw_trbs));
             }
-            let a = &lasts[i];
+            let a = &tds_trbs[i];
             let what = if i == n_data {
                 "CSW TD".to_string()
             } else {
@@ -352,7 +354,7 @@ impl Bot {
                 t.trb_type() == ty::TRANSFER_EVENT
                     && (t.control >> 24) as usize == slot
                     && ((t.control >> 16) & 0x1f) as usize == dci
-                    && t.parameter == *a
+                    && a.contains(&t.parameter)
             });
             match ev {
                 Some(t) if t.status >> 24 == cc::SUCCESS => {}

@@ -12,9 +12,13 @@ mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host; then
   echo "RESULT mount_9p FAIL"; exit 0
 fi
+# Writable scratch space goes on /run, not /tmp: the binary under test may
+# itself live under the host's /tmp (a fresh clone there), which a tmpfs
+# would hide.
 mount -t devtmpfs dev /host/dev && mount -t proc proc /host/proc \
-  && mount -t sysfs sys /host/sys && mount -t tmpfs tmp /host/tmp \
+  && mount -t sysfs sys /host/sys && mount -t tmpfs run /host/run \
   || { echo "RESULT chroot_mounts FAIL"; exit 0; }
+export TMPDIR=/run
 # QEMU's stick, keyboard and audio device enumerate (and the stick's
 # usb-storage driver binds) before the checks start.
 i=0

@@ -47,6 +47,10 @@ if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
 else STICK=/tmp/stick.img; cp "$R/stick.img" "$STICK"; fi
 
 if [ "$DM" != none ]; then
+  # Deprivileged as a real deployment would run it: once set up, its Xen
+  # descriptors are restricted to the guest, it runs as nobody, chrooted
+  # in an empty directory.
+  mkdir -p /run/xen-usb-dm-empty
   cat > "$R/xen-dm.toml" <<CFG
 [controller]
 model = "xhci"
@@ -54,6 +58,10 @@ model = "xhci"
 kind = "xen"
 domid = $domid
 pci = "$PCI"
+restrict = true
+uid = 65534
+gid = 65534
+chroot = "/run/xen-usb-dm-empty"
 [[device]]
 kind = "storage"
 image = "$STICK"
@@ -113,6 +121,9 @@ if [ -n "$dm_pid" ]; then
     timing dm_exit_s "$(since "$t")"
     [ "$rc" = 0 ] && result dm_exit PASS "exited by itself" || result dm_exit FAIL "exited with $rc"
   fi
+  line=$(grep -o 'deprivileged.*' "$R/dm.log" | head -1)
+  [ -n "$line" ] && result dm_deprivileged PASS "$line" \
+    || result dm_deprivileged FAIL "no 'deprivileged' line in its log"
 fi
 
 [ "$STICK" = "$R/stick.img" ] || cp "$STICK" "$R/stick.img"
