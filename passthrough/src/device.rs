@@ -243,7 +243,8 @@ struct Urb {
     block: OwnedBlock,
     _buf: UrbBuf,
     id: TransferId,
-    ep: u8,
+    /// Queue of the transfer (see [`pipe`]).
+    ep: u32,
     off: usize,
     len: usize,
     zero_copy_in: bool,
@@ -258,6 +259,8 @@ struct Pending {
     xfer: Option<Transfer>,
     urb_type: u8,
     ep: u8,
+    /// USB 3 bulk stream (0: none).
+    stream: u16,
     dir_in: bool,
     len: usize,
     zero_copy: Option<HostRange>,
@@ -286,7 +289,10 @@ struct Inner {
     // Field order matters: `open` (the node) is dropped before `urbs`.
     open: Option<Open>,
     urbs: HashMap<u64, Urb>,
-    eps: BTreeMap<u8, VecDeque<Pending>>,
+    /// Transfers per pipe (endpoint and stream, see [`pipe`]), in order.
+    eps: BTreeMap<u32, VecDeque<Pending>>,
+    /// Bulk endpoints with streams allocated on the host: how many.
+    streams: BTreeMap<u8, u32>,
     next_token: u64,
     in_flight: usize,
     /// Used since the last reset: "has an address" for reset purposes.
@@ -390,6 +396,7 @@ impl HostDevice {
                 open: None,
                 urbs: HashMap::new(),
                 eps: BTreeMap::new(),
+                streams: BTreeMap::new(),
                 next_token: 1,
                 in_flight: 0,
                 used: false,
@@ -744,7 +751,7 @@ impl Inner {
     }
 
     /// Completes finished transfers from the head of `ep`'s queue.
-    fn retire(&mut self, ep: u8) {
+    fn retire(&mut self, ep: u32) {
         let Some(q) = self.eps.get_mut(&ep) else {
             return;
         };
@@ -778,7 +785,7 @@ impl Inner {
     }
 
     /// Submits URBs for `ep`'s transfers, in order, while there is room.
-    fn pump(&mut self, ep: u8) {
+    fn pump(&mut self, ep: u32) {
         let Some(fd) = self.open.as_ref().map(|o| o.fd.clone()) else {
             return;
         };
@@ -836,7 +843,7 @@ impl Inner {
     }
 
     /// Builds and submits the next URB of transfer `i` on `ep`.
-    fn submit_piece(&mut self, fd: &Usbfs, ep: u8, i: usize, chunk: usize) -> io::Result<()> {
+    fn submit_piece(&mut self, fd: &Usbfs, ep: u32, i: usize, chunk: usize) -> io::Result<()> {
         let token = self.token();
         let Some(p) = self.eps.get_mut(&ep).and_then(|q| q.get_mut(i)) else {
             return Ok(());
@@ -903,6 +910,8 @@ impl Inner {
             }
         }
         if p.urb_type == urb_type::BULK {
+            // `number_of_packets` shares its place with `stream_id`.
+            b.urb.number_of_packets = i32::from(p.stream);
             if off > 0 {
                 b.urb.flags |= urb_flag::BULK_CONTINUATION;
             }
@@ -1008,6 +1017,7 @@ impl Inner {
         // The node is closed (or no longer reaped): URB memory is ours.
         self.urbs.clear();
         self.in_flight = 0;
+        self.streams.clear();
         self.stats.disconnects += 1;
         let eps = std::mem::take(&mut self.eps);
         for (_, q) in eps {
@@ -1029,6 +1039,7 @@ impl Inner {
             xfer: Some(x),
             urb_type: urb_type::CONTROL,
             ep: 0,
+            stream: 0,
             dir_in: true,
             zero_copy: None,
             next_off: 0,
@@ -1060,8 +1071,10 @@ impl Inner {
         match route_control(&sp, open.compat.is_some()) {
             ControlRoute::SetAddress => self.local(x, TransferStatus::Success, None),
             ControlRoute::SetConfiguration(v) => {
+                // Releasing the interfaces frees their streams.
                 release_interfaces(open, false);
                 open.claimed.clear();
+                self.streams.clear();
                 let r = open.fd.set_configuration(i32::from(v));
                 let st = ok(r, "SET_CONFIGURATION");
                 if st == TransferStatus::Success {
@@ -1135,12 +1148,19 @@ impl Inner {
                 x.host_buffer()
             };
         let id = x.id();
-        let q = self.eps.entry(ep).or_default();
+        let stream = if ty == urb_type::BULK {
+            x.stream_id()
+        } else {
+            0
+        };
+        let key = pipe(ep, stream);
+        let q = self.eps.entry(key).or_default();
         q.push_back(Pending {
             id,
             xfer: Some(x),
             urb_type: ty,
             ep,
+            stream,
             dir_in,
             len,
             zero_copy,
@@ -1156,8 +1176,17 @@ impl Inner {
             reply: None,
             iso,
         });
-        self.pump(ep);
+        self.pump(key);
     }
+}
+
+/// The queue a transfer waits in: its endpoint address, and for bulk
+/// streams its stream ID. Transfers on different streams of one endpoint
+/// are independent (the device picks which stream it serves next, UAS
+/// answers commands in any order), so each stream keeps its own order and
+/// none waits behind another.
+fn pipe(ep: u8, stream: u16) -> u32 {
+    u32::from(ep) | (u32::from(stream) << 8)
 }
 
 impl UsbDevice for HostDevice {
@@ -1177,6 +1206,8 @@ impl UsbDevice for HostDevice {
             return;
         }
         let mut gone = false;
+        // The reset (and releasing the interfaces) frees host streams.
+        g.streams.clear();
         if let Some(open) = g.open.as_mut() {
             release_interfaces(open, false);
             open.claimed.clear();
@@ -1243,6 +1274,42 @@ impl UsbDevice for HostDevice {
         }
         g.retire(ep);
         g.pump(ep);
+    }
+
+    fn alloc_streams(&mut self, endpoint: u8, streams: u16) -> bool {
+        let mut g = lock(&self.shared.inner);
+        let Some(fd) = g.open.as_ref().map(|o| o.fd.clone()) else {
+            return false;
+        };
+        if g.streams.remove(&endpoint).is_some() {
+            let _ = fd.free_streams(endpoint);
+        }
+        match fd.alloc_streams(endpoint, u32::from(streams)) {
+            Ok(n) => {
+                if n < u32::from(streams) {
+                    // The guest may use IDs past `n`: those URBs fail.
+                    info!(target: "passthrough", "endpoint {endpoint:#04x}: host granted {n} of {streams} streams");
+                }
+                g.streams.insert(endpoint, n);
+                true
+            }
+            Err(e) => {
+                warn!(target: "passthrough", "endpoint {endpoint:#04x}: cannot allocate {streams} streams: {e}");
+                false
+            }
+        }
+    }
+
+    fn free_streams(&mut self, endpoint: u8) {
+        let mut g = lock(&self.shared.inner);
+        if g.streams.remove(&endpoint).is_none() {
+            return;
+        }
+        if let Some(open) = g.open.as_ref() {
+            if let Err(e) = open.fd.free_streams(endpoint) {
+                debug!(target: "passthrough", "endpoint {endpoint:#04x}: free streams: {e}");
+            }
+        }
     }
 
     fn connected(&self) -> bool {
@@ -1365,6 +1432,53 @@ mod tests {
         d.reset();
         d.cancel(TransferId(9));
         drop(d);
+    }
+
+    #[test]
+    fn streams_of_one_endpoint_queue_apart() {
+        assert_eq!(pipe(0x81, 0), 0x81);
+        assert_ne!(pipe(0x81, 1), pipe(0x81, 2));
+        assert_ne!(pipe(0x81, 1), pipe(0x01, 1));
+        assert_eq!(pipe(0x82, 0xffff), 0x00ff_ff82);
+    }
+
+    #[test]
+    fn absent_device_refuses_streams_and_fails_stream_transfers() {
+        use hcd_emul::usb::CompletionQueue;
+        let t = tempfile::tempdir().unwrap();
+        let opts = HostOptions {
+            speed: None,
+            sysfs: t.path().to_path_buf(),
+            devfs: t.path().to_path_buf(),
+        };
+        let rule = MatchRule::Id {
+            vendor: 0x1234,
+            product: 0x5678,
+            serial: None,
+        };
+        let mut d = HostDevice::new(rule, opts).unwrap();
+        assert!(!d.alloc_streams(0x81, 31));
+        d.free_streams(0x81);
+        let q = CompletionQueue::new();
+        let ram = hcd_emul::GuestRam::anonymous(0x10000);
+        let (mut x, _h) = Transfer::new(
+            TransferId(3),
+            1,
+            Direction::In,
+            TransferKind::Bulk,
+            vec![hcd_emul::usb::Segment::Guest {
+                addr: 0x1000,
+                len: 512,
+            }],
+            ram,
+            vec![],
+            q.clone(),
+        );
+        x.set_stream_id(5);
+        d.submit(x);
+        let r = q.drain();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].status, TransferStatus::DeviceGone);
     }
 
     #[test]

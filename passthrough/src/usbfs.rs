@@ -137,6 +137,17 @@ struct DisconnectClaim {
     driver: [u8; 256],
 }
 
+/// `struct usbdevfs_streams` (8 bytes, then `num_eps` endpoint addresses:
+/// a flexible array member; one endpoint at a time here).
+#[repr(C)]
+struct StreamsReq {
+    num_streams: u32,
+    num_eps: u32,
+    eps: [u8; 1],
+}
+/// `sizeof(struct usbdevfs_streams)`: the header alone.
+const STREAMS_HDR: usize = 8;
+
 const SETINTERFACE: libc::c_ulong = ioc(READ, 4, std::mem::size_of::<SetInterface>());
 const SETCONFIGURATION: libc::c_ulong = ioc(READ, 5, 4);
 const GETDRIVER: libc::c_ulong = ioc(WRITE, 8, std::mem::size_of::<GetDriver>());
@@ -152,6 +163,8 @@ const DISCONNECT: libc::c_ulong = ioc(NONE, 22, 0);
 const CONNECT: libc::c_ulong = ioc(NONE, 23, 0);
 const GET_CAPABILITIES: libc::c_ulong = ioc(READ, 26, 4);
 const DISCONNECT_CLAIM: libc::c_ulong = ioc(READ, 27, std::mem::size_of::<DisconnectClaim>());
+const ALLOC_STREAMS: libc::c_ulong = ioc(READ, 28, STREAMS_HDR);
+const FREE_STREAMS: libc::c_ulong = ioc(READ, 29, STREAMS_HDR);
 const GET_SPEED: libc::c_ulong = ioc(NONE, 31, 0);
 
 /// `USBDEVFS_CAP_BULK_CONTINUATION`.
@@ -348,6 +361,46 @@ impl Usbfs {
         self.ioctl_u32(CLEAR_HALT, u32::from(ep))
     }
 
+    /// USBDEVFS_ALLOC_STREAMS for bulk endpoint `ep` (address): asks the
+    /// host controller for stream IDs `1..=streams`. Returns how many the
+    /// host granted (it may grant fewer: its controller's or the device's
+    /// limit). The endpoint's interface must be claimed.
+    pub fn alloc_streams(&self, ep: u8, streams: u32) -> io::Result<u32> {
+        let mut req = StreamsReq {
+            num_streams: streams,
+            num_eps: 1,
+            eps: [ep],
+        };
+        // SAFETY: `req` is a live `struct usbdevfs_streams` followed by
+        // `num_eps` (1) endpoint bytes, all the kernel reads.
+        let r = check(unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                ALLOC_STREAMS,
+                &mut req as *mut StreamsReq,
+            )
+        })?;
+        Ok(r as u32)
+    }
+
+    /// USBDEVFS_FREE_STREAMS for bulk endpoint `ep` (address).
+    pub fn free_streams(&self, ep: u8) -> io::Result<()> {
+        let mut req = StreamsReq {
+            num_streams: 0,
+            num_eps: 1,
+            eps: [ep],
+        };
+        // SAFETY: as in `alloc_streams`.
+        check(unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                FREE_STREAMS,
+                &mut req as *mut StreamsReq,
+            )
+        })?;
+        Ok(())
+    }
+
     /// Port reset of the device (`USBDEVFS_RESET`). The kernel unbinds
     /// every interface's driver, usbfs included: claims are lost.
     pub fn reset(&self) -> io::Result<()> {
@@ -446,6 +499,9 @@ mod tests {
         assert_eq!(GET_CAPABILITIES, 0x8004_551a);
         assert_eq!(DISCONNECT_CLAIM, 0x8108_551b);
         assert_eq!(GET_SPEED, 0x551f);
+        assert_eq!(ALLOC_STREAMS, 0x8008_551c);
+        assert_eq!(FREE_STREAMS, 0x8008_551d);
+        assert_eq!(std::mem::offset_of!(StreamsReq, eps), STREAMS_HDR);
     }
 
     #[test]
@@ -455,6 +511,16 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RawUrb, usercontext), 48);
         assert_eq!(std::mem::offset_of!(UrbBlock, iso), 56);
         assert_eq!(std::mem::size_of::<IsoPacketDesc>(), 12);
+    }
+
+    #[test]
+    fn stream_ioctls_on_a_node_that_is_not_usbfs_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("bus/usb/001")).unwrap();
+        std::fs::write(d.path().join("bus/usb/001/002"), b"").unwrap();
+        let fd = Usbfs::open(d.path(), 1, 2).unwrap();
+        assert!(fd.alloc_streams(0x81, 15).is_err());
+        assert!(fd.free_streams(0x81).is_err());
     }
 
     #[test]

@@ -107,7 +107,8 @@ impl SetupPacket {
 /// and returns; the device completes it with [`Transfer::complete`] now or
 /// later, from any thread. Transfers submitted on one endpoint must be
 /// completed in submission order (controllers also enforce the order they
-/// report in). A transfer that is dropped without completion completes as
+/// report in); on an endpoint with USB 3 bulk streams the order holds per
+/// stream ([`Transfer::stream_id`]). A transfer that is dropped without completion completes as
 /// [`TransferStatus::DeviceGone`], so nothing can hang on a lost transfer.
 pub trait UsbDevice: Send + std::fmt::Debug {
     /// Short human name for logs ("storage stick.img", "host 1-2").
@@ -140,6 +141,21 @@ pub trait UsbDevice: Send + std::fmt::Debug {
     fn connected(&self) -> bool {
         true
     }
+
+    /// The guest configured bulk endpoint `endpoint` (address, bit 7 for
+    /// IN) with stream IDs `1..=streams` (xHCI Configure Endpoint with
+    /// MaxPStreams). Transfers on it then carry a [`Transfer::stream_id`].
+    /// Returns `false` if the streams cannot be had (the controller then
+    /// fails the command with Resource Error, as a host controller out of
+    /// stream resources would). Emulated devices need nothing: the default
+    /// accepts. A passthrough backend allocates the streams on the host.
+    fn alloc_streams(&mut self, _endpoint: u8, _streams: u16) -> bool {
+        true
+    }
+
+    /// The streams of `endpoint` are no longer used (endpoint dropped or
+    /// deconfigured, slot disabled). Transfers on it have been cancelled.
+    fn free_streams(&mut self, _endpoint: u8) {}
 
     /// Called once when the device is plugged into a controller: `wakeup`
     /// wakes the controller's event loop, for a device whose

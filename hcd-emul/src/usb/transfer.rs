@@ -217,6 +217,8 @@ pub struct Transfer {
     endpoint: u8,
     direction: Direction,
     kind: TransferKind,
+    /// USB 3 bulk stream ID; 0 = no stream.
+    stream_id: u16,
     segments: Vec<Segment>,
     len: usize,
     ram: GuestRam,
@@ -232,6 +234,7 @@ impl std::fmt::Debug for Transfer {
             .field("endpoint", &self.endpoint)
             .field("direction", &self.direction)
             .field("kind", &self.kind)
+            .field("stream_id", &self.stream_id)
             .field("len", &self.len)
             .finish()
     }
@@ -293,6 +296,7 @@ impl Transfer {
                 endpoint,
                 direction,
                 kind,
+                stream_id: 0,
                 segments,
                 len,
                 ram,
@@ -319,6 +323,16 @@ impl Transfer {
     /// Transfer type (with the SETUP packet for control transfers).
     pub fn kind(&self) -> TransferKind {
         self.kind
+    }
+    /// USB 3 bulk stream ID (USB 3.2 §8.12.1.4); 0 if the endpoint has no
+    /// streams. Transfers on different streams of one endpoint may complete
+    /// in any order; within a stream, in submission order.
+    pub fn stream_id(&self) -> u16 {
+        self.stream_id
+    }
+    /// Sets the stream ID (controllers, before submitting).
+    pub fn set_stream_id(&mut self, id: u16) {
+        self.stream_id = id;
     }
     /// Length of the data buffer in bytes.
     pub fn len(&self) -> usize {

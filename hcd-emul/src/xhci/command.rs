@@ -9,8 +9,9 @@ use super::context::{ep_type, slot_state, Ctx, EpState, CTX_SIZE};
 use super::limits;
 use super::regs::MAX_SLOTS;
 use super::ring::RingPos;
+use super::transfer::ep_address;
 use super::trb::{cc, ctl, ty, Trb};
-use super::Xhci;
+use super::{Stream, Xhci, SCT_PRIMARY_TR};
 
 impl Xhci {
     pub(super) fn process_commands(&mut self) {
@@ -106,6 +107,7 @@ impl Xhci {
 
     fn cmd_disable_slot(&mut self, s: usize) -> u32 {
         self.drop_slot_transfers(s);
+        self.free_slot_streams(s);
         if self.slots[s].ctx_addr != 0 {
             self.write_out_slot(s, slot_state::DISABLED_ENABLED, 0);
         }
@@ -221,27 +223,71 @@ impl Xhci {
                 ep_type::ISOCH_OUT | ep_type::BULK_OUT | ep_type::INTERRUPT_OUT => dci % 2 == 0,
                 _ => false,
             };
-            if !dir_ok || c.max_packet() == 0 || c.max_pstreams() != 0 {
+            if !dir_ok || c.max_packet() == 0 {
                 guest_warn!(target: "xhci::command", "slot {s} ep {dci}: invalid endpoint context");
                 return cc::PARAMETER_ERROR;
             }
-            adds.push((dci, c));
+            let streams = match self.read_stream_array(&c) {
+                Ok(v) => v,
+                Err(why) => {
+                    guest_warn!(target: "xhci::command", "slot {s} ep {dci}: streams refused: {why}");
+                    return cc::PARAMETER_ERROR;
+                }
+            };
+            adds.push((dci, c, streams));
         }
         for dci in 2..32usize {
             if drop & (1 << dci) != 0 {
                 self.disable_endpoint(s, dci);
             }
         }
-        for (dci, c) in adds {
-            self.disable_endpoint(s, dci);
+        for (dci, _, _) in &adds {
+            self.disable_endpoint(s, *dci);
+        }
+        // Host resources for streams (a passthrough device allocates them
+        // on the host controller) before any endpoint is enabled.
+        let port = self.slots[s].port;
+        let mut allocated = Vec::new();
+        for (dci, _, streams) in &adds {
+            if streams.is_empty() {
+                continue;
+            }
+            let n = (streams.len() - 1) as u16;
+            let dev = self
+                .ports
+                .get_mut(port.wrapping_sub(1))
+                .and_then(|p| p.device.as_mut());
+            let ok = dev.is_some_and(|d| d.alloc_streams(ep_address(*dci), n));
+            if !ok {
+                guest_warn!(target: "xhci::command", "slot {s} ep {dci}: device cannot have {n} streams");
+                for a in allocated {
+                    if let Some(d) = self
+                        .ports
+                        .get_mut(port.wrapping_sub(1))
+                        .and_then(|p| p.device.as_mut())
+                    {
+                        d.free_streams(ep_address(a));
+                    }
+                }
+                return cc::RESOURCE_ERROR;
+            }
+            allocated.push(*dci);
+        }
+        for (dci, c, streams) in adds {
             let deq = c.dequeue();
             let ep = &mut self.slots[s].eps[dci];
             ep.state = EpState::Running;
             ep.ep_type = c.ep_type();
             ep.max_packet = c.max_packet();
-            ep.ring = RingPos::new(deq, deq & 1 != 0);
             let mut out = c;
-            out.set_ep_state(EpState::Running, deq, deq & 1 != 0);
+            if streams.is_empty() {
+                ep.ring = RingPos::new(deq, deq & 1 != 0);
+                out.set_ep_state(EpState::Running, deq, deq & 1 != 0);
+            } else {
+                ep.stream_array = deq & !0xf;
+                ep.streams = streams;
+                out.set_ep_state(EpState::Running, deq & !0xf, false);
+            }
             let a = self.slots[s].ctx_addr + CTX_SIZE * dci as u64;
             if out.write(&self.ram, a).is_err() {
                 guest_warn!(target: "xhci::command", "slot {s}: output context unwritable");
@@ -346,7 +392,20 @@ impl Xhci {
                 if p & !0xf == 0 {
                     return cc::PARAMETER_ERROR;
                 }
-                self.slots[s].eps[dci].ring = RingPos::new(p, p & 1 != 0);
+                let ep = &mut self.slots[s].eps[dci];
+                if ep.has_streams() {
+                    // Stream ID in dword 2, SCT in bits 3:1 (§6.4.3.9).
+                    let sid = (trb.status >> 16) as usize;
+                    if sid == 0 || sid >= ep.streams.len() {
+                        return cc::INVALID_STREAM_ID;
+                    }
+                    if (p >> 1) & 7 != SCT_PRIMARY_TR {
+                        return cc::INVALID_STREAM_TYPE;
+                    }
+                    ep.streams[sid].ring = Some(RingPos::new(p, p & 1 != 0));
+                } else {
+                    ep.ring = RingPos::new(p, p & 1 != 0);
+                }
             }
         }
         self.write_out_ep(s, dci);
@@ -366,17 +425,71 @@ impl Xhci {
     }
 
     /// Writes an endpoint's state and dequeue pointer into the output
-    /// context.
+    /// context; for an endpoint with streams, the Stream Context Array
+    /// pointer stays and every stream's dequeue pointer and cycle state go
+    /// back to its Stream Context (§4.12.2.1: software reads them there
+    /// once the endpoint has stopped or halted).
     pub(super) fn write_out_ep(&mut self, s: usize, dci: usize) {
         let a = self.slots[s].ctx_addr + CTX_SIZE * dci as u64;
         let ep = &self.slots[s].eps[dci];
-        let (st, ring) = (ep.state, ep.ring);
+        let st = ep.state;
+        let (deq, dcs) = if ep.has_streams() {
+            for (sid, stream) in ep.streams.iter().enumerate().skip(1) {
+                let Some(r) = stream.ring else { continue };
+                let v = (r.dequeue & !0xf) | (SCT_PRIMARY_TR << 1) | u64::from(r.cycle);
+                let at = ep.stream_array.wrapping_add(16 * sid as u64);
+                if self.ram.write(at, &v.to_le_bytes()).is_err() {
+                    guest_warn!(target: "xhci::command", "slot {s} ep {dci}: stream context array unwritable");
+                    break;
+                }
+            }
+            (ep.stream_array, false)
+        } else {
+            (ep.ring.dequeue, ep.ring.cycle)
+        };
         if let Ok(mut c) = Ctx::read(&self.ram, a) {
-            c.set_ep_state(st, ring.dequeue, ring.cycle);
+            c.set_ep_state(st, deq, dcs);
             if c.write(&self.ram, a).is_ok() {
                 return;
             }
         }
         guest_warn!(target: "xhci::command", "slot {s} ep {dci}: output context unwritable");
+    }
+
+    /// The streams of an endpoint context being added: empty without
+    /// streams; else one entry per Primary Stream Context (entry 0, the
+    /// reserved stream, unused). Every guest-controlled field is checked:
+    /// streams only on bulk endpoints, MaxPStreams within MaxPSASize, Linear
+    /// Stream Arrays only (we advertise NSS), the array in guest memory.
+    fn read_stream_array(&self, c: &Ctx) -> Result<Vec<Stream>, &'static str> {
+        let mps = c.max_pstreams();
+        if mps == 0 {
+            return Ok(Vec::new());
+        }
+        if !matches!(c.ep_type(), ep_type::BULK_IN | ep_type::BULK_OUT) {
+            return Err("streams on a non-bulk endpoint");
+        }
+        if mps > limits::MAX_PSA_SIZE {
+            return Err("MaxPStreams above MaxPSASize");
+        }
+        if !c.lsa() {
+            return Err("secondary stream arrays are not supported");
+        }
+        let n = 2usize << mps;
+        let base = c.dequeue() & !0xf;
+        let mut raw = vec![0u8; 16 * n];
+        if base == 0 || self.ram.read(base, &mut raw).is_err() {
+            return Err("stream context array not in guest memory");
+        }
+        let mut streams = vec![Stream::default(); n];
+        for (sid, st) in streams.iter_mut().enumerate().skip(1) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&raw[16 * sid..16 * sid + 8]);
+            let v = u64::from_le_bytes(b);
+            if (v >> 1) & 7 == SCT_PRIMARY_TR && v & !0xf != 0 {
+                st.ring = Some(RingPos::new(v, v & 1 != 0));
+            }
+        }
+        Ok(streams)
     }
 }

@@ -99,6 +99,10 @@ impl Ctx {
     pub fn max_pstreams(&self) -> u32 {
         (self.0[0] >> 10) & 0x1f
     }
+    /// Linear Stream Array.
+    pub fn lsa(&self) -> bool {
+        self.0[0] & (1 << 15) != 0
+    }
     /// TR Dequeue Pointer with DCS in bit 0.
     pub fn dequeue(&self) -> u64 {
         u64::from(self.0[2]) | (u64::from(self.0[3]) << 32)

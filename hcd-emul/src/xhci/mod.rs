@@ -44,6 +44,9 @@ pub mod limits {
     pub const TDS_IN_FLIGHT: usize = 64;
     /// TRBs examined per doorbell on one endpoint (No Ops, Event Data...).
     pub const TRBS_PER_KICK: usize = 8192;
+    /// MaxPSASize advertised in HCCPARAMS1: Primary Stream Arrays of up to
+    /// 2^(7+1) = 256 entries (stream IDs 1-255), as QEMU.
+    pub const MAX_PSA_SIZE: u32 = 7;
 }
 
 /// Why a device could not be attached.
@@ -74,8 +77,24 @@ struct InFlight {
     trbs: Vec<(u64, Trb)>,
     /// Ring position of the first TRB (for rewinding on stop/halt).
     start: RingPos,
+    /// Stream the TD came from (0: the endpoint has no streams).
+    stream: u16,
     result: Option<TransferResult>,
 }
+
+/// One primary stream of an endpoint with streams (xHCI 1.2 §4.12).
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    /// Its transfer ring; `None` if its Stream Context is not a Primary
+    /// Transfer Ring (SCT != 1): doorbells for it are ignored.
+    ring: Option<RingPos>,
+    /// Fetching stopped at the endpoint's in-flight cap (see
+    /// [`Endpoint::starved`]).
+    starved: bool,
+}
+
+/// Stream Context Type "Primary Transfer Ring" (§6.2.4.1, table 6-13).
+const SCT_PRIMARY_TR: u64 = 1;
 
 #[derive(Debug, Default)]
 struct Endpoint {
@@ -87,6 +106,50 @@ struct Endpoint {
     /// Fetching stopped at the in-flight cap with TDs possibly left on the
     /// ring: resumed when completions make room (no doorbell needed).
     starved: bool,
+    /// Primary streams, indexed by stream ID (entry 0 reserved, unused);
+    /// empty if the endpoint has no streams (MaxPStreams = 0).
+    streams: Vec<Stream>,
+    /// Guest address of the Primary Stream Context Array.
+    stream_array: u64,
+}
+
+impl Endpoint {
+    fn has_streams(&self) -> bool {
+        !self.streams.is_empty()
+    }
+
+    /// The ring of `stream` (0 on an endpoint without streams), if it is
+    /// one.
+    fn ring_of(&self, stream: u16) -> Option<RingPos> {
+        if self.has_streams() {
+            self.streams
+                .get(usize::from(stream))
+                .filter(|_| stream != 0)
+                .and_then(|s| s.ring)
+        } else {
+            (stream == 0).then_some(self.ring)
+        }
+    }
+
+    fn set_ring(&mut self, stream: u16, pos: RingPos) {
+        if self.has_streams() {
+            if let Some(st) = self.streams.get_mut(usize::from(stream)) {
+                st.ring = Some(pos);
+            }
+        } else {
+            self.ring = pos;
+        }
+    }
+
+    fn set_starved(&mut self, stream: u16, v: bool) {
+        if self.has_streams() {
+            if let Some(st) = self.streams.get_mut(usize::from(stream)) {
+                st.starved = v;
+            }
+        } else {
+            self.starved = v;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -225,6 +288,7 @@ impl Xhci {
     fn hc_reset(&mut self) {
         for s in 1..=MAX_SLOTS {
             self.drop_slot_transfers(s);
+            self.free_slot_streams(s);
             self.slots[s] = Slot::new();
         }
         self.inflight.clear();
@@ -367,8 +431,9 @@ impl Xhci {
             0x04 => MAX_SLOTS as u32 | ((MAX_INTRS as u32) << 8) | ((MAX_PORTS as u32) << 24),
             0x08 => (ERST_MAX_LOG2 << 4) | ((SCRATCHPAD_BUFS & 0x1f) << 27) | 1,
             0x0c => 0,
-            // AC64, 32-byte contexts, no streams, xECP at dword 8 (0x20).
-            0x10 => 1 | (8 << 16),
+            // AC64, 32-byte contexts, NSS (no Secondary Stream Arrays),
+            // MaxPSASize, xECP at dword 8 (0x20).
+            0x10 => 1 | (1 << 7) | (limits::MAX_PSA_SIZE << 12) | (8 << 16),
             0x14 => DOORBELL_OFFSET as u32,
             0x18 => RUNTIME_OFFSET as u32,
             0x1c => 0,
@@ -550,10 +615,21 @@ impl Xhci {
             guest_warn!(target: "xhci", "doorbell {index} target {target} out of range");
             return;
         }
-        if val >> 16 != 0 {
-            guest_warn!(target: "xhci", "stream ID on doorbell but streams are not supported");
+        let stream = (val >> 16) as u16;
+        let ep = &self.slots[index].eps[target];
+        if ep.has_streams() {
+            // Stream 0 is reserved; IDs past the array, or whose context is
+            // not a transfer ring, select nothing (§4.12.2).
+            if ep.ring_of(stream).is_none() {
+                guest_warn!(target: "xhci", "doorbell {index} target {target}: stream {stream} invalid, ignored");
+                return;
+            }
+        } else if stream != 0 {
+            guest_warn!(target: "xhci", "doorbell {index} target {target}: stream ID {stream} on an endpoint without streams ignored");
+            self.kick_endpoint(index, target, 0);
+            return;
         }
-        self.kick_endpoint(index, target);
+        self.kick_endpoint(index, target, stream);
     }
 
     fn read32(&self, off: u64) -> u32 {
@@ -607,13 +683,22 @@ impl Xhci {
                 for dci in 1..32 {
                     let ep = &self.slots[s].eps[dci];
                     // Only a doorbell restarts a stopped endpoint.
-                    if ep.starved
-                        && ep.state == EpState::Running
-                        && ep.inflight.len() < limits::TDS_IN_FLIGHT
-                    {
+                    if ep.state != EpState::Running || ep.inflight.len() >= limits::TDS_IN_FLIGHT {
+                        continue;
+                    }
+                    if ep.starved {
                         self.slots[s].eps[dci].starved = false;
-                        self.fetch_tds(s, dci);
+                        self.fetch_tds(s, dci, 0);
                         resumed = true;
+                    }
+                    let n = self.slots[s].eps[dci].streams.len();
+                    for sid in 1..n {
+                        let st = &self.slots[s].eps[dci].streams[sid];
+                        if st.starved {
+                            self.slots[s].eps[dci].streams[sid].starved = false;
+                            self.fetch_tds(s, dci, sid as u16);
+                            resumed = true;
+                        }
                     }
                 }
             }

@@ -30,15 +30,16 @@ enum Fetch {
 }
 
 impl Xhci {
-    pub(super) fn kick_endpoint(&mut self, s: usize, dci: usize) {
-        self.fetch_tds(s, dci);
+    pub(super) fn kick_endpoint(&mut self, s: usize, dci: usize, stream: u16) {
+        self.fetch_tds(s, dci, stream);
         self.process_completions();
     }
 
     /// Turns the TDs on the ring into transfers until the ring is empty,
     /// the endpoint stops running, or [`limits::TDS_IN_FLIGHT`] are in
     /// flight (then `starved` is set: completions resume the fetch).
-    pub(super) fn fetch_tds(&mut self, s: usize, dci: usize) {
+    /// `stream` selects the ring of an endpoint with streams (0 otherwise).
+    pub(super) fn fetch_tds(&mut self, s: usize, dci: usize, stream: u16) {
         if !(1..=super::regs::MAX_SLOTS).contains(&s) || !self.slots[s].enabled {
             guest_warn!(target: "xhci::transfer", "doorbell for disabled slot {s}");
             return;
@@ -56,7 +57,9 @@ impl Xhci {
             && self.slots[s].eps[dci].inflight.len() < limits::TDS_IN_FLIGHT
             && budget > 0
         {
-            let pos = self.slots[s].eps[dci].ring;
+            let Some(pos) = self.slots[s].eps[dci].ring_of(stream) else {
+                return;
+            };
             let control = self.slots[s].eps[dci].ep_type == ep_type::CONTROL;
             let fetched = if control {
                 self.fetch_control_td(pos)
@@ -70,17 +73,18 @@ impl Xhci {
                     return;
                 }
                 Fetch::Bad(code, addr) => {
-                    self.reject_td(s, dci, addr, code, None);
+                    self.reject_td(s, dci, stream, addr, code, None);
                     return;
                 }
                 Fetch::Td(trbs, after) => {
                     budget = budget.saturating_sub(trbs.len());
-                    self.submit_td(s, dci, trbs, pos, after);
+                    self.submit_td(s, dci, stream, trbs, pos, after);
                 }
             }
         }
         let ep = &mut self.slots[s].eps[dci];
-        ep.starved = ep.state == EpState::Running && ep.inflight.len() >= limits::TDS_IN_FLIGHT;
+        let starved = ep.state == EpState::Running && ep.inflight.len() >= limits::TDS_IN_FLIGHT;
+        ep.set_starved(stream, starved);
     }
 
     /// The next TRB, or the outcome a fetch ends with when there is none.
@@ -167,6 +171,7 @@ impl Xhci {
         &mut self,
         s: usize,
         dci: usize,
+        stream: u16,
         trbs: Vec<(u64, Trb)>,
         start: RingPos,
         after: RingPos,
@@ -185,7 +190,14 @@ impl Xhci {
                     let len = trb.transfer_len() as usize;
                     if trb.has(ctl::IDT) {
                         if len > 8 {
-                            return self.reject_td(s, dci, *addr, cc::TRB_ERROR, Some(after));
+                            return self.reject_td(
+                                s,
+                                dci,
+                                stream,
+                                *addr,
+                                cc::TRB_ERROR,
+                                Some(after),
+                            );
                         }
                         segments.push(Segment::Inline(trb.parameter.to_le_bytes()[..len].to_vec()));
                     } else if len > 0 {
@@ -193,6 +205,7 @@ impl Xhci {
                             return self.reject_td(
                                 s,
                                 dci,
+                                stream,
                                 *addr,
                                 cc::USB_TRANSACTION_ERROR,
                                 Some(after),
@@ -220,7 +233,7 @@ impl Xhci {
             ep_type::CONTROL => {
                 let Some(sp) = setup else {
                     // A lone No Op TD on the control ring.
-                    return self.queue_noop(s, dci, trbs, start, after);
+                    return self.queue_noop(s, dci, stream, trbs, start, after);
                 };
                 let dir = sp.direction();
                 let trt = (trbs[0].1.control >> 16) & 3;
@@ -229,7 +242,7 @@ impl Xhci {
                     Some(din) => (trt == 3) == din && din == (dir == Direction::In) && trt != 0,
                 };
                 if !consistent {
-                    return self.reject_td(s, dci, trbs[0].0, cc::TRB_ERROR, Some(after));
+                    return self.reject_td(s, dci, stream, trbs[0].0, cc::TRB_ERROR, Some(after));
                 }
                 (TransferKind::Control(sp), dir)
             }
@@ -240,11 +253,11 @@ impl Xhci {
             _ => (TransferKind::Isochronous, ep_dir(dci)),
         };
         if segments.is_empty() && trbs.iter().all(|(_, t)| t.trb_type() == ty::NOOP) {
-            return self.queue_noop(s, dci, trbs, start, after);
+            return self.queue_noop(s, dci, stream, trbs, start, after);
         }
         if direction == Direction::In && segments.iter().any(|x| matches!(x, Segment::Inline(_))) {
             // Immediate data is only defined for OUT.
-            return self.reject_td(s, dci, trbs[0].0, cc::TRB_ERROR, Some(after));
+            return self.reject_td(s, dci, stream, trbs[0].0, cc::TRB_ERROR, Some(after));
         }
         let total: usize = trbs
             .iter()
@@ -266,7 +279,7 @@ impl Xhci {
         self.stats.segments += segments.len() as u64;
         self.stats.bytes += total as u64;
         let id = self.alloc_id();
-        let (xfer, handle) = Transfer::new(
+        let (mut xfer, handle) = Transfer::new(
             id,
             (dci / 2) as u8,
             direction,
@@ -276,13 +289,15 @@ impl Xhci {
             iso,
             self.queue.clone(),
         );
+        xfer.set_stream_id(stream);
         let ep = &mut self.slots[s].eps[dci];
-        ep.ring = after;
+        ep.set_ring(stream, after);
         ep.inflight.push_back(InFlight {
             id,
             handle: Some(handle),
             trbs,
             start,
+            stream,
             result: None,
         });
         self.inflight.insert(id, (s, dci));
@@ -302,18 +317,20 @@ impl Xhci {
         &mut self,
         s: usize,
         dci: usize,
+        stream: u16,
         trbs: Vec<(u64, Trb)>,
         start: RingPos,
         after: RingPos,
     ) {
         let id = self.alloc_id();
         let ep = &mut self.slots[s].eps[dci];
-        ep.ring = after;
+        ep.set_ring(stream, after);
         ep.inflight.push_back(InFlight {
             id,
             handle: None,
             trbs,
             start,
+            stream,
             result: Some(TransferResult {
                 id,
                 status: TransferStatus::Success,
@@ -329,26 +346,35 @@ impl Xhci {
     /// then the error event at TRB `addr`, and the endpoint halts. A TD that
     /// parsed but is unusable is skipped (`resume` past it); a malformed one
     /// leaves the ring at its start.
-    fn reject_td(&mut self, s: usize, dci: usize, addr: u64, code: u32, resume: Option<RingPos>) {
+    fn reject_td(
+        &mut self,
+        s: usize,
+        dci: usize,
+        stream: u16,
+        addr: u64,
+        code: u32,
+        resume: Option<RingPos>,
+    ) {
         guest_warn!(target: "xhci::transfer", "slot {s} ep {dci}: TD at {addr:#x} rejected (completion code {code})");
         self.process_completions();
         let intr = self.slots[s].intr;
         self.transfer_event(s, dci, intr, addr, code, 0, false, false);
         if let Some(after) = resume {
-            self.slots[s].eps[dci].ring = after;
+            self.slots[s].eps[dci].set_ring(stream, after);
         }
         self.halt_endpoint(s, dci);
     }
 
-    /// Reports finished TDs from the head of the endpoint's queue.
+    /// Reports finished TDs from the head of the endpoint's queue: in ring
+    /// order per stream (streams do not wait for each other; on an endpoint
+    /// without streams everything is stream 0).
     pub(super) fn retire(&mut self, s: usize, dci: usize) {
         loop {
             let ep = &mut self.slots[s].eps[dci];
-            let ready = ep.inflight.front().is_some_and(|t| t.result.is_some());
-            if !ready {
+            let Some(i) = first_reportable(&ep.inflight) else {
                 return;
-            }
-            let Some(td) = ep.inflight.pop_front() else {
+            };
+            let Some(td) = ep.inflight.remove(i) else {
                 return;
             };
             self.inflight.remove(&td.id);
@@ -477,8 +503,9 @@ impl Xhci {
     }
 
     /// Cancels every TD in flight on an endpoint. TDs the device finished
-    /// meanwhile are reported normally first; the rest are forgotten and the
-    /// ring is rewound to the first of them. Returns that TD, if any.
+    /// meanwhile are reported normally first; the rest are forgotten and
+    /// each ring (each stream's) is rewound to the first of them. Returns
+    /// the oldest, if any.
     fn cancel_endpoint(&mut self, s: usize, dci: usize) -> Option<InFlight> {
         for td in &self.slots[s].eps[dci].inflight {
             if let Some(h) = &td.handle {
@@ -499,9 +526,15 @@ impl Xhci {
                 d.cancel(td.id);
             }
         }
-        let first = rest.into_iter().next()?;
-        self.slots[s].eps[dci].ring = first.start;
-        Some(first)
+        let ep = &mut self.slots[s].eps[dci];
+        let mut rewound: Vec<u16> = Vec::new();
+        for td in &rest {
+            if !rewound.contains(&td.stream) {
+                rewound.push(td.stream);
+                ep.set_ring(td.stream, td.start);
+            }
+        }
+        rest.into_iter().next()
     }
 
     fn halt_endpoint(&mut self, s: usize, dci: usize) {
@@ -533,8 +566,28 @@ impl Xhci {
 
     pub(super) fn disable_endpoint(&mut self, s: usize, dci: usize) {
         self.cancel_endpoint(s, dci);
+        if self.slots[s].eps[dci].has_streams() {
+            let port = self.slots[s].port;
+            if let Some(d) = self
+                .ports
+                .get_mut(port.wrapping_sub(1))
+                .and_then(|p| p.device.as_mut())
+            {
+                d.free_streams(ep_address(dci));
+            }
+        }
         let ep = &mut self.slots[s].eps[dci];
         *ep = super::Endpoint::default();
+    }
+
+    /// Releases the streams of every endpoint of a slot that has them (the
+    /// slot goes away: Disable Slot, HCRST).
+    pub(super) fn free_slot_streams(&mut self, s: usize) {
+        for dci in 1..32 {
+            if self.slots[s].eps[dci].has_streams() {
+                self.disable_endpoint(s, dci);
+            }
+        }
     }
 
     /// Forgets every transfer of a slot without reporting (port reset,
@@ -569,6 +622,32 @@ impl Xhci {
                 self.retire(s, dci);
             }
         }
+    }
+}
+
+/// Index of the TD to report next: the first finished TD that no earlier
+/// unfinished TD of the same stream precedes.
+fn first_reportable(q: &std::collections::VecDeque<InFlight>) -> Option<usize> {
+    let mut blocked: Vec<u16> = Vec::new();
+    for (i, t) in q.iter().enumerate() {
+        if blocked.contains(&t.stream) {
+            continue;
+        }
+        if t.result.is_some() {
+            return Some(i);
+        }
+        blocked.push(t.stream);
+    }
+    None
+}
+
+/// USB endpoint address (number, bit 7 for IN) of a Device Context Index.
+pub(super) fn ep_address(dci: usize) -> u8 {
+    let n = (dci / 2) as u8 & 0x0f;
+    if dci % 2 == 1 {
+        n | 0x80
+    } else {
+        n
     }
 }
 

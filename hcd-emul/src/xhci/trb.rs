@@ -41,6 +41,7 @@ pub mod cc {
     pub const STALL: u32 = 6;
     pub const RESOURCE_ERROR: u32 = 7;
     pub const NO_SLOTS: u32 = 9;
+    pub const INVALID_STREAM_TYPE: u32 = 10;
     pub const SLOT_NOT_ENABLED: u32 = 11;
     pub const ENDPOINT_NOT_ENABLED: u32 = 12;
     pub const SHORT_PACKET: u32 = 13;
@@ -51,6 +52,7 @@ pub mod cc {
     pub const COMMAND_ABORTED: u32 = 25;
     pub const STOPPED: u32 = 26;
     pub const STOPPED_LENGTH_INVALID: u32 = 27;
+    pub const INVALID_STREAM_ID: u32 = 34;
 }
 
 /// Control-dword bits shared by several TRB types.

@@ -53,6 +53,15 @@ pub struct FakeState {
     pub in_ids: Vec<u64>,
     /// The controller's wake-up handle, once plugged in.
     pub wakeup: Option<Wakeup>,
+    /// Non-control transfers as (endpoint, direction IN, stream id, id),
+    /// in submission order.
+    pub submitted: Vec<(u8, bool, u16, u64)>,
+    /// `alloc_streams` calls (endpoint address, streams).
+    pub stream_allocs: Vec<(u8, u16)>,
+    /// `free_streams` calls (endpoint address).
+    pub stream_frees: Vec<u8>,
+    /// Make `alloc_streams` fail.
+    pub refuse_streams: bool,
 }
 
 /// The pattern bulk IN transfer number `seq` carries.
@@ -71,6 +80,8 @@ pub struct FakeDevice {
     /// until cancel or reset — to test Stop Endpoint.
     parked: VecDeque<Transfer>,
     pub park_in: bool,
+    /// Park transfers of this stream (any direction) instead.
+    pub park_stream: Option<u16>,
     /// What [`UsbDevice::connected`] answers (a host device unplugged and
     /// re-plugged behind a passthrough backend).
     pub present: Arc<AtomicBool>,
@@ -86,6 +97,7 @@ impl FakeDevice {
                 worker: None,
                 parked: VecDeque::new(),
                 park_in: false,
+                park_stream: None,
                 present: Arc::new(AtomicBool::new(true)),
             },
             state,
@@ -205,7 +217,14 @@ impl UsbDevice for FakeDevice {
         if xfer.direction() == Direction::In {
             self.state.lock().unwrap().in_ids.push(xfer.id().0);
         }
-        if self.park_in && xfer.direction() == Direction::In {
+        self.state.lock().unwrap().submitted.push((
+            xfer.endpoint(),
+            xfer.direction() == Direction::In,
+            xfer.stream_id(),
+            xfer.id().0,
+        ));
+        let park_stream = self.park_stream.is_some_and(|s| s == xfer.stream_id());
+        if park_stream || (self.park_in && xfer.direction() == Direction::In) {
             self.parked.push_back(xfer);
             return;
         }
@@ -222,6 +241,14 @@ impl UsbDevice for FakeDevice {
     }
     fn set_wakeup(&mut self, wakeup: Wakeup) {
         self.state.lock().unwrap().wakeup = Some(wakeup);
+    }
+    fn alloc_streams(&mut self, endpoint: u8, streams: u16) -> bool {
+        let mut s = self.state.lock().unwrap();
+        s.stream_allocs.push((endpoint, streams));
+        !s.refuse_streams
+    }
+    fn free_streams(&mut self, endpoint: u8) {
+        self.state.lock().unwrap().stream_frees.push(endpoint);
     }
     fn cancel(&mut self, id: TransferId) {
         self.state.lock().unwrap().cancels.push(id);
