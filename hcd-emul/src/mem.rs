@@ -236,8 +236,9 @@ impl GuestRam {
     }
 
     /// Fills guest memory at `addr` with `len` bytes of `file` from `file_off`,
-    /// straight from the file into guest RAM (no bounce buffer). Bytes past
-    /// the end of the file read as zeros.
+    /// straight from the file into guest RAM where the file system allows
+    /// it (else through a bounce buffer). Bytes past the end of the file
+    /// read as zeros.
     pub fn fill_from_file(
         &self,
         addr: u64,
@@ -289,7 +290,8 @@ impl GuestRam {
     }
 
     /// Writes `len` bytes of guest memory at `addr` to `file` at `file_off`,
-    /// straight from guest RAM (no bounce buffer).
+    /// straight from guest RAM where the file system allows it (else
+    /// through a bounce buffer).
     pub fn drain_to_file(
         &self,
         addr: u64,
