@@ -586,17 +586,23 @@ fn stick_checks(r: &mut Results, written: &mut Option<String>) {
         back_drv && !mon.connected(),
         format!("{:?}", iface_driver(&info.port, 0)),
     );
-    // The node can appear before the re-probed disk reads: retry.
+    // The node can appear before the re-probed disk reads: retry. (The
+    // UAS disk is a block device too: find the stick's by its port.)
     let mut host_view = None;
+    let mut node = String::from("none");
     wait_until(Duration::from_secs(20), || {
-        host_view = read_block_dev("/dev/sda", u64::from(LBA) * 512, 2 * BIG as usize);
+        let Some(b) = block_of(&info.port) else {
+            return false;
+        };
+        node = format!("/dev/{b}");
+        host_view = read_block_dev(&node, u64::from(LBA) * 512, 2 * BIG as usize);
         host_view.as_deref().map(sha).as_ref() == written.as_ref()
     });
     r.check(
         "host_reads_guest_data",
         host_view.as_deref().map(sha).as_ref() == written.as_ref(),
         format!(
-            "/dev/sda {:?} vs {:?}",
+            "{node} {:?} vs {:?}",
             host_view.as_deref().map(sha),
             written
         ),
@@ -913,6 +919,503 @@ fn iso_checks(r: &mut Results) {
     drop(dev);
 }
 
+/// One bulk endpoint of the UAS alternate setting.
+#[derive(Clone, Copy, Debug, Default)]
+struct UasPipe {
+    addr: u8,
+    max_packet: u16,
+    burst: u8,
+    /// log2 of the companion's MaxStreams.
+    streams: u8,
+}
+
+/// The UAS alternate setting (interface protocol 0x62) of a
+/// configuration: (interface, alt, pipes by pipe ID 1..=4: command,
+/// status, data in, data out), from the pipe-usage descriptors (0x24).
+fn uas_pipes(cfg: &[u8]) -> Option<(u8, u8, [UasPipe; 4])> {
+    // Endpoints of the first UAS alternate setting, each with its pipe ID
+    // (its companion and pipe-usage descriptors follow it, in either order).
+    let mut eps: Vec<(UasPipe, u8)> = Vec::new();
+    let mut cur: Option<(u8, u8)> = None;
+    let mut found: Option<(u8, u8)> = None;
+    let mut i = 0;
+    while i + 2 <= cfg.len() && cfg[i] >= 2 {
+        let d = &cfg[i..(i + cfg[i] as usize).min(cfg.len())];
+        match d[1] {
+            4 if d.len() >= 9 => {
+                if found.is_some() {
+                    break;
+                }
+                cur = (d[5] == 8 && d[6] == 6 && d[7] == 0x62).then_some((d[2], d[3]));
+                found = cur;
+                eps.clear();
+            }
+            5 if d.len() >= 7 && cur.is_some() => eps.push((
+                UasPipe {
+                    addr: d[2],
+                    max_packet: u16::from_le_bytes([d[4], d[5]]),
+                    ..Default::default()
+                },
+                0,
+            )),
+            0x30 if d.len() >= 4 => {
+                if let Some((p, _)) = eps.last_mut() {
+                    p.burst = d[2];
+                    p.streams = d[3] & 0x1f;
+                }
+            }
+            0x24 if d.len() >= 3 => {
+                if let Some((_, id)) = eps.last_mut() {
+                    *id = d[2];
+                }
+            }
+            _ => {}
+        }
+        i += cfg[i] as usize;
+    }
+    let (ifno, alt) = found?;
+    let mut pipes = [UasPipe::default(); 4];
+    for (p, id) in eps {
+        if (1..=4).contains(&id) {
+            pipes[id as usize - 1] = p;
+        }
+    }
+    pipes
+        .iter()
+        .all(|p| p.addr != 0)
+        .then_some((ifno, alt, pipes))
+}
+
+/// A UAS device on our controller: the command pipe is a plain bulk OUT
+/// ring, status / data in / data out have one ring per stream.
+struct Uas {
+    slot: usize,
+    dcis: [usize; 4],
+    /// Per pipe (status, data in, data out): stream ID -> ring.
+    rings: [std::collections::HashMap<u16, common::ProducerRing>; 3],
+    cmd_buf: u64,
+    status_buf: u64,
+}
+
+const UAS_STATUS_LEN: u32 = 112;
+/// Commands in flight at once, at most.
+const UAS_SLOTS: usize = 8;
+
+impl Uas {
+    /// Configure Endpoint for the four pipes: MaxPStreams `mps` with a
+    /// Linear Primary Stream Context Array of `2 << mps` entries on the
+    /// three stream pipes.
+    fn configure(d: &mut Driver, slot: usize, pipes: &[UasPipe; 4], mps: u32) -> (u32, Uas) {
+        let inp = d.slots[&slot].in_ctx;
+        let out = d.slots[&slot].out_ctx;
+        let dcis = pipes.map(|p| dci_of(p.addr));
+        let max_dci = *dcis.iter().max().unwrap() as u32;
+        let mut sc = d.read_ctx(out, 0);
+        sc[0] = (sc[0] & !(0x1f << 27)) | (max_dci << 27);
+        sc[3] = 0;
+        d.write_ctx(inp, 1, sc);
+        let mut add = 1u32;
+        let mut rings: [std::collections::HashMap<u16, common::ProducerRing>; 3] =
+            Default::default();
+        for (k, p) in pipes.iter().enumerate() {
+            let dci = dcis[k];
+            add |= 1 << dci;
+            let t = if p.addr & 0x80 != 0 {
+                ep_type::BULK_IN
+            } else {
+                ep_type::BULK_OUT
+            };
+            let dw1 = (3 << 1)
+                | (t << 3)
+                | (u32::from(p.burst) << 8)
+                | (u32::from(p.max_packet & 0x7ff) << 16);
+            if k == 0 {
+                // Command pipe: no streams.
+                let base = d.alloc(16 * 64, 64);
+                d.slots.get_mut(&slot).unwrap().rings.insert(
+                    dci,
+                    common::ProducerRing {
+                        base,
+                        size: 64,
+                        enq: 0,
+                        cycle: true,
+                    },
+                );
+                let c = [0, dw1, base as u32 | 1, (base >> 32) as u32, 32, 0, 0, 0];
+                d.write_ctx(inp, dci as u64 + 1, c);
+                continue;
+            }
+            let n = 2u64 << mps;
+            let array = d.alloc(16 * n, 64);
+            for sid in 1..n {
+                let base = d.alloc(16 * 16, 64);
+                let v = base | (1 << 1) | 1; // SCT = primary ring, DCS
+                d.ram.write(array + 16 * sid, &v.to_le_bytes()).unwrap();
+                rings[k - 1].insert(
+                    sid as u16,
+                    common::ProducerRing {
+                        base,
+                        size: 16,
+                        enq: 0,
+                        cycle: true,
+                    },
+                );
+            }
+            let dw0 = (mps << 10) | (1 << 15); // MaxPStreams, LSA
+            let c = [dw0, dw1, array as u32, (array >> 32) as u32, 3072, 0, 0, 0];
+            d.write_ctx(inp, dci as u64 + 1, c);
+        }
+        d.write_ctx(inp, 0, [0, add, 0, 0, 0, 0, 0, 0]);
+        let code = d
+            .command(Trb {
+                parameter: inp,
+                status: 0,
+                control: (ty::CONFIGURE_ENDPOINT << 10) | ((slot as u32) << 24),
+            })
+            .0;
+        let cmd_buf = d.alloc(64 * UAS_SLOTS as u64, 64);
+        let status_buf = d.alloc(128 * UAS_SLOTS as u64, 64);
+        (
+            code,
+            Uas {
+                slot,
+                dcis,
+                rings,
+                cmd_buf,
+                status_buf,
+            },
+        )
+    }
+
+    /// Queues one single-TRB TD on stream `sid` of pipe `k` (1..=3) and
+    /// rings its doorbell with the stream ID; returns the TRB address.
+    fn queue_stream(&mut self, d: &mut Driver, k: usize, sid: u16, buf: u64, len: u32) -> u64 {
+        let dci = self.dcis[k];
+        let ram = d.ram.clone();
+        let trbs = Driver::normal_trbs(&[(buf, len)], dci % 2 == 1);
+        assert_eq!(trbs.len(), 1, "one TRB per TD");
+        let a = self.rings[k - 1]
+            .get_mut(&sid)
+            .unwrap()
+            .push_all(&ram, &trbs)[0];
+        let db = dci as u32 | (u32::from(sid) << 16);
+        d.w32(DOORBELL_OFFSET + 4 * self.slot as u64, db);
+        a
+    }
+
+    fn wait_td(&mut self, d: &mut Driver, k: usize, trb: u64, what: &str) -> Result<u32, String> {
+        let (slot, dci) = (self.slot, self.dcis[k]);
+        let ev = d.wait_event(|t| {
+            t.trb_type() == ty::TRANSFER_EVENT
+                && (t.control >> 24) as usize == slot
+                && ((t.control >> 16) & 0x1f) as usize == dci
+                && t.parameter == trb
+        });
+        match ev {
+            Some(t) if matches!(t.status >> 24, cc::SUCCESS | cc::SHORT_PACKET) => {
+                Ok(t.status & 0xff_ffff)
+            }
+            Some(t) => Err(format!("{what}: completion code {}", t.status >> 24)),
+            None => Err(format!(
+                "{what}: no event; controller holds {} transfers",
+                d.pci.controller().transfers_in_flight()
+            )),
+        }
+    }
+
+    /// One SCSI command: (SCSI status, data bytes moved, sense key).
+    fn command(
+        &mut self,
+        d: &mut Driver,
+        tag: u16,
+        cdb: &[u8],
+        data: Option<(bool, u64, u32)>,
+    ) -> Result<(u8, u32, u8), String> {
+        Ok(self.commands(d, &[(tag, cdb, data)])?[0])
+    }
+
+    /// SCSI commands in flight together, each on its own stream (its tag):
+    /// all status and data TDs queued first (as Linux's uas does), then
+    /// the Command IUs. Per command: (SCSI status, data bytes moved, sense
+    /// key).
+    #[allow(clippy::type_complexity)]
+    fn commands(
+        &mut self,
+        d: &mut Driver,
+        cmds: &[(u16, &[u8], Option<(bool, u64, u32)>)],
+    ) -> Result<Vec<(u8, u32, u8)>, String> {
+        assert!(cmds.len() <= UAS_SLOTS);
+        let stride = u64::from(UAS_STATUS_LEN).next_multiple_of(64);
+        let mut tds = Vec::new();
+        for (i, &(tag, _, data)) in cmds.iter().enumerate() {
+            let sbuf = self.status_buf + stride * i as u64;
+            d.ram.write(sbuf, &[0u8; UAS_STATUS_LEN as usize]).unwrap();
+            let st = self.queue_stream(d, 1, tag, sbuf, UAS_STATUS_LEN);
+            let dt = data.map(|(din, buf, len)| {
+                let k = if din { 2 } else { 3 };
+                (k, len, self.queue_stream(d, k, tag, buf, len))
+            });
+            tds.push((sbuf, st, dt));
+        }
+        let mut cts = Vec::new();
+        for (i, &(tag, cdb, _)) in cmds.iter().enumerate() {
+            let mut iu = [0u8; 32];
+            iu[0] = 0x01; // Command IU
+            iu[2..4].copy_from_slice(&tag.to_be_bytes());
+            iu[16..16 + cdb.len()].copy_from_slice(cdb);
+            let cbuf = self.cmd_buf + 64 * i as u64;
+            d.ram.write(cbuf, &iu).unwrap();
+            let trbs = Driver::normal_trbs(&[(cbuf, 32)], false);
+            cts.push(d.queue(self.slot, self.dcis[0], &trbs)[0]);
+        }
+        for ct in cts {
+            self.wait_td(d, 0, ct, "Command IU")?;
+        }
+        let mut out = Vec::new();
+        for (&(tag, _, _), (sbuf, st, dt)) in cmds.iter().zip(tds) {
+            let moved = match dt {
+                Some((k, len, trb)) => len - self.wait_td(d, k, trb, &format!("tag {tag} data"))?,
+                None => 0,
+            };
+            let residue = self.wait_td(d, 1, st, &format!("tag {tag} status"))?;
+            let mut s = [0u8; UAS_STATUS_LEN as usize];
+            d.ram.read(sbuf, &mut s).unwrap();
+            let got = (UAS_STATUS_LEN - residue) as usize;
+            if u16::from_be_bytes([s[2], s[3]]) != tag {
+                return Err(format!(
+                    "tag {tag}: status IU for another tag: {:02x?}",
+                    &s[..got.min(16)]
+                ));
+            }
+            match s[0] {
+                // Sense IU: status at 6, sense data from 16 (key in byte 2).
+                0x03 => out.push((s[6], moved, if got > 18 { s[18] & 0xf } else { 0 })),
+                _ => {
+                    return Err(format!(
+                        "tag {tag}: IU {:#04x}: {:02x?}",
+                        s[0],
+                        &s[..got.min(16)]
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The block device the VM kernel made of a USB device, if any.
+fn block_of(port: &str) -> Option<String> {
+    let base = Path::new(SYSFS).join(format!("{port}:1.0"));
+    let walk = |p: &Path, pre: &str| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(pre))
+            .map(|e| e.path())
+            .collect()
+    };
+    for h in walk(&base, "host") {
+        for t in walk(&h, "target") {
+            for lun in walk(&t, "") {
+                if let Some(b) = walk(&lun.join("block"), "sd").first() {
+                    return Some(b.file_name()?.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// QEMU's usb-uas (a scsi-hd on it) through our controller with bulk
+/// streams: claimed from the VM kernel's uas driver, enumerated at
+/// SuperSpeed, the UAS alternate setting's pipes configured with
+/// MaxPStreams and stream context arrays, then INQUIRY, READ CAPACITY(10),
+/// WRITE(10) and READ(10) of 64 KiB as Command IUs with the tag as stream
+/// ID; the VM kernel reads the written blocks back after release.
+fn uas_checks(r: &mut Results) {
+    let Some(info) = passthrough::rule::scan(Path::new(SYSFS))
+        .into_iter()
+        .find(|d| {
+            let p = Path::new(SYSFS).join(format!("{}:1.0/bInterfaceProtocol", d.port));
+            std::fs::read_to_string(p).is_ok_and(|s| s.trim() == "62")
+                || product_of(&d.port).contains("Attached SCSI")
+        })
+    else {
+        return r.check("uas_streams", false, "no QEMU usb-uas in sysfs");
+    };
+    let before = iface_driver(&info.port, 0);
+    let (dev, mon) = host(MatchRule::Port(info.port.clone()), None);
+    let claimed = iface_driver(&info.port, 0);
+    let (mut d, port) = plug(dev);
+    d.timeout = Duration::from_secs(10);
+    let speed = (d.portsc(port) >> 10) & 0xf;
+    let (slot, _, cfg) = enumerate(&mut d, port);
+    let Some((ifno, alt, pipes)) = uas_pipes(&cfg) else {
+        return r.check(
+            "uas_streams",
+            false,
+            format!("no UAS alt setting in {cfg:02x?}"),
+        );
+    };
+    assert_eq!(
+        d.control_out(slot, [0, 9, cfg[5], 0, 0, 0, 0, 0], &[]),
+        cc::SUCCESS,
+        "SET_CONFIGURATION"
+    );
+    if alt != 0 {
+        let rc = d.control_out(slot, [0x01, 11, alt, 0, ifno, 0, 0, 0], &[]);
+        assert_eq!(rc, cc::SUCCESS, "SET_INTERFACE {ifno} alt {alt}");
+    }
+    // 32-entry arrays (streams 1..31) as Linux asks for; the device
+    // offers 2^streams of them.
+    let mps = 4;
+    let (code, mut uas) = Uas::configure(&mut d, slot, &pipes, mps);
+    assert_eq!(code, cc::SUCCESS, "Configure Endpoint with streams");
+    let dev_streams = pipes[1].streams;
+    let stats0 = mon.stats();
+    let buf = DATA_BASE;
+    let rbuf = DATA_BASE + (1 << 20);
+    let len = 64 * 1024u32;
+    let lba = 256u32;
+    let mut tag = 0u16;
+    let mut next_tag = || {
+        tag = tag % ((1 << dev_streams.clamp(1, 4)) - 1) + 1;
+        tag
+    };
+    let res = (|| -> Result<String, String> {
+        let inq = uas.command(
+            &mut d,
+            next_tag(),
+            &[0x12, 0, 0, 0, 36, 0],
+            Some((true, buf, 36)),
+        )?;
+        let mut id = [0u8; 36];
+        d.ram.read(buf, &mut id).unwrap();
+        if inq.0 != 0 || inq.1 < 36 || id[0] & 0x1f != 0 {
+            return Err(format!("INQUIRY {inq:?} {id:02x?}"));
+        }
+        let vendor = String::from_utf8_lossy(&id[8..32]).trim().to_string();
+        // Unit attention after the reset: TEST UNIT READY until good.
+        let mut tur = (0xff, 0, 0);
+        for _ in 0..5 {
+            tur = uas.command(&mut d, next_tag(), &[0; 6], None)?;
+            if tur.0 == 0 {
+                break;
+            }
+        }
+        if tur.0 != 0 {
+            return Err(format!("TEST UNIT READY {tur:?}"));
+        }
+        let cap = uas.command(
+            &mut d,
+            next_tag(),
+            &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            Some((true, buf, 8)),
+        )?;
+        let mut c = [0u8; 8];
+        d.ram.read(buf, &mut c).unwrap();
+        let last = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        let bs = u32::from_be_bytes([c[4], c[5], c[6], c[7]]);
+        if cap.0 != 0 || cap.1 != 8 || bs != BLOCK {
+            return Err(format!("READ CAPACITY {cap:?} {c:02x?}"));
+        }
+        let mut pat = vec![0u8; len as usize];
+        rand::rngs::SmallRng::seed_from_u64(0x0a5).fill_bytes(&mut pat);
+        d.ram.write(buf, &pat).unwrap();
+        d.ram.write(rbuf, &vec![0u8; len as usize]).unwrap();
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&((len / BLOCK) as u16).to_be_bytes());
+        let w = uas.command(&mut d, next_tag(), &cdb, Some((false, buf, len)))?;
+        cdb[0] = 0x28;
+        let rd = uas.command(&mut d, next_tag(), &cdb, Some((true, rbuf, len)))?;
+        let got = read_guest(&d, &[(rbuf, len)]);
+        if w.0 != 0 || rd.0 != 0 || rd.1 != len || sha(&got) != sha(&pat) {
+            return Err(format!(
+                "WRITE {w:?} READ {rd:?} sha {} vs {}",
+                sha(&got),
+                sha(&pat)
+            ));
+        }
+        // Two 32 KiB READ(10)s of the two halves in flight together on
+        // two streams, the second half's command first.
+        let half = len / 2;
+        let (b1, b2) = (rbuf + (2 << 20), rbuf + (3 << 20));
+        d.ram.write(b1, &vec![0u8; 2 * half as usize]).unwrap();
+        d.ram.write(b2, &vec![0u8; 2 * half as usize]).unwrap();
+        let cdb_of = |lba: u32| {
+            let mut c = [0u8; 10];
+            c[0] = 0x28;
+            c[2..6].copy_from_slice(&lba.to_be_bytes());
+            c[7..9].copy_from_slice(&((half / BLOCK) as u16).to_be_bytes());
+            c
+        };
+        let (c2, c1) = (cdb_of(lba + half / BLOCK), cdb_of(lba));
+        let (t2, t1) = (next_tag(), next_tag());
+        let both = uas.commands(
+            &mut d,
+            &[
+                (t2, &c2, Some((true, b2, half))),
+                (t1, &c1, Some((true, b1, half))),
+            ],
+        )?;
+        let got = [read_guest(&d, &[(b1, half)]), read_guest(&d, &[(b2, half)])].concat();
+        if both.iter().any(|c| c.0 != 0 || c.1 != half) || sha(&got) != sha(&pat) {
+            return Err(format!(
+                "two READs on streams {t2} and {t1}: {both:?} sha {} vs {}",
+                sha(&got),
+                sha(&pat)
+            ));
+        }
+        Ok(format!(
+            "\"{vendor}\", {} blocks of {bs}, 64 KiB written and read back sha {}, \
+             then as two READs on streams {t2} and {t1} in flight together",
+            u64::from(last) + 1,
+            sha(&pat)
+        ))
+    })();
+    let stats = mon.stats();
+    drop(d);
+    // The VM kernel's uas driver gets the device back and reads the
+    // blocks we wrote.
+    let want = {
+        let mut pat = vec![0u8; len as usize];
+        rand::rngs::SmallRng::seed_from_u64(0x0a5).fill_bytes(&mut pat);
+        sha(&pat)
+    };
+    let mut host_sha = String::from("-");
+    if res.is_ok() {
+        wait_until(Duration::from_secs(20), || {
+            host_sha = match block_of(&info.port) {
+                Some(b) => read_block_dev(
+                    &format!("/dev/{b}"),
+                    u64::from(lba) * u64::from(BLOCK),
+                    len as usize,
+                )
+                .map_or_else(|| format!("/dev/{b} unreadable"), |v| sha(&v)),
+                None => "no block device after release".into(),
+            };
+            host_sha == want
+        });
+    }
+    let ok = res.is_ok()
+        && speed == 4
+        && before.as_deref() == Some("uas")
+        && claimed.as_deref() == Some("usbfs")
+        && host_sha == want;
+    r.check(
+        "uas_streams",
+        ok,
+        format!(
+            "{res:?}; speed {speed}, driver {before:?} -> {claimed:?}, device MaxStreams 2^{dev_streams}, \
+             host reads back {host_sha}, URBs {}",
+            stats.urbs - stats0.urbs
+        ),
+    );
+}
+
 fn wait_results(q: &CompletionQueue, n: usize) -> Vec<hcd_emul::usb::TransferResult> {
     let mut out = Vec::new();
     let end = Instant::now() + Duration::from_secs(20);
@@ -1166,6 +1669,7 @@ fn main() {
     r.section("compat", compat_checks);
     r.section("hid", hid_checks);
     r.section("iso", iso_checks);
+    r.section("uas", uas_checks);
     r.section("removal", |r| removal_checks(r, written.as_ref()));
     println!("vmtest: {} passed, {} failed", r.pass, r.fail);
 }

@@ -7,7 +7,7 @@
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 BIN=$(arg pt_bin); MODE=$(arg pt_mode); ARG=$(arg pt_arg)
 PT_LOG=$(arg pt_log); export PT_LOG
-for m in xhci-pci usb-storage sd_mod virtio_pci 9pnet_virtio 9p; do modprobe $m; done
+for m in xhci-pci usb-storage uas sd_mod virtio_pci 9pnet_virtio 9p; do modprobe $m; done
 mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host; then
   echo "RESULT mount_9p FAIL"; exit 0
@@ -19,12 +19,13 @@ mount -t devtmpfs dev /host/dev && mount -t proc proc /host/proc \
   && mount -t sysfs sys /host/sys && mount -t tmpfs run /host/run \
   || { echo "RESULT chroot_mounts FAIL"; exit 0; }
 export TMPDIR=/run
-# QEMU's stick, keyboard and audio device enumerate (and the stick's
-# usb-storage driver binds) before the checks start.
+# QEMU's stick, keyboard, audio device and UAS disk enumerate (and the
+# stick's usb-storage and the disk's uas driver bind) before the checks
+# start.
 i=0
 while [ $i -lt 300 ]; do
   n=$(ls /sys/bus/usb/devices | grep -c '^[0-9]*-[0-9.]*$')
-  [ "$n" -ge 3 ] && [ -b /dev/sda ] && break
+  [ "$n" -ge 4 ] && [ -b /dev/sda ] && [ -b /dev/sdb ] && break
   usleep 100000; i=$((i+1))
 done
 echo "METRIC usb_devices $n"

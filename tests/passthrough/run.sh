@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Host USB passthrough against real usbfs. Boots a stock Debian kernel
 # under QEMU (TCG) whose QEMU-emulated USB devices — a usb-storage stick
-# (SuperSpeed), a usb-kbd and a usb-audio (isochronous) on qemu-xhci — are
+# (SuperSpeed), a usb-kbd, a usb-audio (isochronous) and a usb-uas with a
+# scsi-hd (SuperSpeed, bulk streams) on qemu-xhci — are
 # real USB devices to that kernel. Inside, the vmtest example (built here,
 # run from this machine's root file system shared read-only over 9p) puts
 # our xHCI in front of them through usbfs and drives it with the in-process
@@ -24,6 +25,7 @@ W=$(mktemp -d)
 keep=0
 trap '[ $keep = 1 ] && echo "passthrough: logs kept in $W" || rm -rf "$W"' EXIT
 truncate -s 64M "$W/stick.img"
+truncate -s 16M "$W/uas.img"
 QMP=$W/qmp.sock
 STICK='{"driver":"usb-storage","bus":"xhci.0","drive":"stick","id":"ustick","serial":"PT0001"}'
 qmp() { python3 "$HERE/qmp.py" "$QMP" "$1" >/dev/null || echo "passthrough: QMP $1 failed"; }
@@ -36,11 +38,14 @@ export EXTRA_MODULES="fs/9p net/9p fs/netfs fs/fscache drivers/virtio"
 export APPEND="pt_bin=$BIN pt_mode=$MODE pt_arg=$ARG pt_log=${PT_LOG:-info}"
 t=$(date +%s)
 "$ROOT/tests/guest/boot.sh" "$K" "$W/guest.log" \
-  -device qemu-xhci,id=xhci \
+  -device qemu-xhci,id=xhci,p2=8,p3=8 \
   -blockdev '{"driver":"raw","node-name":"stick","file":{"driver":"file","filename":"'"$W/stick.img"'"}}' \
   -device "$STICK" \
   -device usb-kbd,bus=xhci.0,id=kbd0 \
   -audiodev none,id=snd0 -device usb-audio,bus=xhci.0,audiodev=snd0,id=audio0 \
+  -drive "if=none,id=uasdisk,file=$W/uas.img,format=raw" \
+  -device usb-uas,id=uas,bus=xhci.0 \
+  -device scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=uasdisk \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on \
   -qmp "unix:$QMP,server=on,wait=off" &
 BOOT=$!
@@ -66,7 +71,7 @@ grep -E '^(RESULT|METRIC|host device)' "$W/guest.log" | sed 's/^/  /' || true
 passed=$(grep -c '^RESULT .* PASS' "$W/guest.log" || true)
 failed=$(grep -c '^RESULT .* FAIL' "$W/guest.log" || true)
 if [ "$rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
-if [ "$rc" != 0 ] || [ "$MODE" = check ] && [ "$passed" -lt 15 ]; then
+if [ "$rc" != 0 ] || [ "$MODE" = check ] && [ "$passed" -lt 16 ]; then
   echo "passthrough: boot status $rc; guest log tail:"; tail -60 "$W/guest.log" | sed 's/^/  | /'
   [ "$failed" != 0 ] || failed=1
 fi
