@@ -551,7 +551,7 @@ impl<C: PciController> XenServer<C> {
         let size = r.size as usize;
         let ok = sbdf == self.sbdf.range_value() as u32
             && matches!(r.size, 1 | 2 | 4)
-            && reg + r.size <= 4096
+            && reg.checked_add(r.size).is_some_and(|end| end <= 4096)
             && !r.data_is_ptr
             && r.count <= 1;
         if !ok {

@@ -417,6 +417,15 @@ fn malformed_requests_are_answered_without_crashing() {
             read: true,
             ..Default::default()
         },
+        // a register number that would wrap a 32-bit end check
+        Req {
+            ty: abi::IOREQ_TYPE_PCI_CONFIG,
+            addr: u64::from(sbdf()) << 32 | 0xffff_fffe,
+            count: 1,
+            size: 4,
+            read: true,
+            ..Default::default()
+        },
         Req {
             ty: abi::IOREQ_TYPE_PCI_CONFIG,
             addr: u64::from(sbdf()) << 32,
