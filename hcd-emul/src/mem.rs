@@ -58,6 +58,17 @@ pub trait GuestMapper: Send + Sync + std::fmt::Debug {
     fn map(&self, addr: u64, len: usize, current: &GuestMemoryMmap) -> Option<GuestMemoryMmap>;
 }
 
+/// Whether `m` maps all of `addr..addr + len`.
+fn covers(m: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
+    len == 0
+        || GuestMemory::check_range(
+            m,
+            GuestAddress(addr),
+            len,
+            vm_memory::Permissions::ReadWrite,
+        )
+}
+
 /// A cloneable handle to guest physical memory.
 #[derive(Clone, Debug)]
 pub struct GuestRam {
@@ -92,39 +103,57 @@ impl GuestRam {
         len: usize,
     ) -> Result<GuestMemoryLoadGuard<GuestMemoryMmap>, DmaError> {
         Self::check(addr, len)?;
-        let covers = |m: &GuestMemoryMmap| {
-            len == 0
-                || GuestMemory::check_range(
-                    m,
-                    GuestAddress(addr),
-                    len,
-                    vm_memory::Permissions::ReadWrite,
-                )
-        };
+        let covers = |m: &GuestMemoryMmap| covers(m, addr, len);
         let mem = self.inner.memory();
         if covers(&mem) {
             return Ok(mem);
         }
-        let Some(mapper) = &self.mapper else {
-            return Err(DmaError::Unmapped { addr, len });
-        };
         drop(mem);
-        {
-            let l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let cur = self.inner.memory();
-            if !covers(&cur) {
-                if let Some(m) = mapper.map(addr, len, &cur) {
-                    drop(cur);
-                    l.replace(m);
-                }
-            }
-        }
+        self.fault(addr, len, &covers);
         let mem = self.inner.memory();
         if covers(&mem) {
             Ok(mem)
         } else {
             Err(DmaError::Unmapped { addr, len })
         }
+    }
+
+    /// Asks the mapper (if any) to map `addr..addr + len`, under the lock
+    /// so that concurrent faults do not map the same range twice.
+    fn fault(&self, addr: u64, len: usize, covers: &dyn Fn(&GuestMemoryMmap) -> bool) {
+        let Some(mapper) = &self.mapper else {
+            return;
+        };
+        let l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.inner.memory();
+        if !covers(&cur) {
+            if let Some(m) = mapper.map(addr, len, &cur) {
+                drop(cur);
+                l.replace(m);
+            }
+        }
+    }
+
+    /// Runs `f` on the current map; if it fails and a mapper is installed,
+    /// maps the range and runs it once more. The common case (mapped)
+    /// costs one region lookup, as a plain vm-memory access does.
+    fn access<T>(
+        &self,
+        addr: u64,
+        len: usize,
+        mut f: impl FnMut(&GuestMemoryMmap) -> Option<T>,
+    ) -> Result<T, DmaError> {
+        Self::check(addr, len)?;
+        if let Some(v) = f(&self.inner.memory()) {
+            return Ok(v);
+        }
+        if self.mapper.is_some() {
+            self.fault(addr, len, &|m| covers(m, addr, len));
+            if let Some(v) = f(&self.inner.memory()) {
+                return Ok(v);
+            }
+        }
+        Err(DmaError::Unmapped { addr, len })
     }
 
     /// A map with no memory: every access fails until [`GuestRam::replace`].
@@ -169,12 +198,8 @@ impl GuestRam {
         if buf.is_empty() {
             return Self::check(addr, 0);
         }
-        self.mem(addr, buf.len())?
-            .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| DmaError::Unmapped {
-                addr,
-                len: buf.len(),
-            })
+        let len = buf.len();
+        self.access(addr, len, |m| m.read_slice(buf, GuestAddress(addr)).ok())
     }
 
     /// Writes `data` at `addr`.
@@ -182,12 +207,9 @@ impl GuestRam {
         if data.is_empty() {
             return Self::check(addr, 0);
         }
-        self.mem(addr, data.len())?
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|_| DmaError::Unmapped {
-                addr,
-                len: data.len(),
-            })
+        self.access(addr, data.len(), |m| {
+            m.write_slice(data, GuestAddress(addr)).ok()
+        })
     }
 
     /// Reads a little-endian `u32`.
