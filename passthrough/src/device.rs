@@ -1393,9 +1393,8 @@ mod tests {
         assert_eq!(map_status(-libc::ETIMEDOUT, true, 0, 10), TransactionError);
     }
 
-    #[test]
-    fn absent_device_is_disconnected_and_fails_transfers() {
-        use hcd_emul::usb::CompletionQueue;
+    /// A device whose rule matches nothing (empty sysfs and devfs).
+    fn absent_device() -> (tempfile::TempDir, HostDevice) {
         let t = tempfile::tempdir().unwrap();
         let opts = HostOptions {
             speed: None,
@@ -1407,7 +1406,14 @@ mod tests {
             product: 0x5678,
             serial: None,
         };
-        let mut d = HostDevice::new(rule, opts).unwrap();
+        let d = HostDevice::new(rule, opts).unwrap();
+        (t, d)
+    }
+
+    #[test]
+    fn absent_device_is_disconnected_and_fails_transfers() {
+        use hcd_emul::usb::CompletionQueue;
+        let (_t, mut d) = absent_device();
         assert!(!d.connected());
         assert_eq!(d.speed(), Speed::High, "USB 2 port while absent");
         let q = CompletionQueue::new();
@@ -1445,18 +1451,7 @@ mod tests {
     #[test]
     fn absent_device_refuses_streams_and_fails_stream_transfers() {
         use hcd_emul::usb::CompletionQueue;
-        let t = tempfile::tempdir().unwrap();
-        let opts = HostOptions {
-            speed: None,
-            sysfs: t.path().to_path_buf(),
-            devfs: t.path().to_path_buf(),
-        };
-        let rule = MatchRule::Id {
-            vendor: 0x1234,
-            product: 0x5678,
-            serial: None,
-        };
-        let mut d = HostDevice::new(rule, opts).unwrap();
+        let (_t, mut d) = absent_device();
         assert!(!d.alloc_streams(0x81, 31));
         d.free_streams(0x81);
         let q = CompletionQueue::new();
