@@ -146,6 +146,10 @@ pub struct Device {
     /// Read-only medium.
     #[serde(default)]
     pub readonly: bool,
+    /// Storage: also offer USB Attached SCSI (UAS, over bulk streams) as
+    /// alternate setting 1 (SuperSpeed only; default: Bulk-Only only).
+    #[serde(default)]
+    pub uas: bool,
     /// Bus speed (storage: default "super"; host: the root port kind,
     /// default the speed of the device found at start).
     pub speed: Option<SpeedCfg>,
@@ -379,6 +383,9 @@ fn check_host(d: &Device) -> Result<(), (&'static str, String)> {
     if d.readonly {
         return Err(("readonly", "only for kind = \"storage\"".into()));
     }
+    if d.uas {
+        return Err(("uas", "only for kind = \"storage\"".into()));
+    }
     let by_addr = d.bus.is_some() || d.addr.is_some();
     let by_port = d.port.is_some();
     let by_id = d.vendor.is_some() || d.product.is_some() || d.serial.is_some();
@@ -542,6 +549,7 @@ mod tests {
             ("bus=1\naddr=200\n", "device[0].addr"),
             ("port=\"1-1\"\nvendor=1\nproduct=2\n", "device[0].port"),
             ("port=\"1-1\"\nimage=\"x.img\"\n", "device[0].image"),
+            ("port=\"1-1\"\nuas=true\n", "device[0].uas"),
             ("vendor=0x10000\nproduct=1\n", "vendor"),
             ("bsu=1\n", "bsu"),
         ];

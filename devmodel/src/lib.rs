@@ -43,17 +43,22 @@ pub fn build_xhci(
                     config::SpeedCfg::High => Speed::High,
                     config::SpeedCfg::Super => Speed::Super,
                 };
+                if d.uas && speed != Speed::Super {
+                    anyhow::bail!("device[{i}].uas: UAS needs speed = \"super\" (bulk streams)");
+                }
                 let dev = UsbStorage::open(img, d.readonly, speed)
-                    .with_context(|| format!("device[{i}].image: {}", img.display()))?;
+                    .with_context(|| format!("device[{i}].image: {}", img.display()))?
+                    .with_uas(d.uas);
                 let blocks = dev.blocks();
                 let port = x
                     .attach(Box::new(dev))
                     .with_context(|| format!("device[{i}]: attach"))?;
                 info!(
-                    "device[{i}]: storage {} ({} MiB{}) on root port {port}",
+                    "device[{i}]: storage {} ({} MiB{}{}) on root port {port}",
                     img.display(),
                     (blocks * 512) >> 20,
-                    if d.readonly { ", read-only" } else { "" }
+                    if d.readonly { ", read-only" } else { "" },
+                    if d.uas { ", BOT + UAS" } else { "" }
                 );
             }
             config::DeviceKind::Host => {

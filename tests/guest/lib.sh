@@ -2,7 +2,8 @@
 # with one stick and attach QEMU to it. Source it; needs bash.
 
 # start_dm BINARY DIR READONLY LOG: serves DIR/stick.img over DIR/dm.sock
-# (config in DIR/xen-dm.toml), output in LOG; sets DM_PID.
+# (config in DIR/xen-dm.toml), output in LOG; sets DM_PID. With UAS=true
+# the stick also offers USB Attached SCSI.
 start_dm() {
   local dm=$1 dir=$2 ro=$3 log=$4
   rm -f "$dir/dm.sock"
@@ -16,6 +17,7 @@ socket = "$dir/dm.sock"
 kind = "storage"
 image = "stick.img"
 readonly = $ro
+uas = ${UAS:-false}
 CFG
   "$dm" --config "$dir/xen-dm.toml" > "$log" 2>&1 &
   DM_PID=$!

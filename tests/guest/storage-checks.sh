@@ -15,12 +15,16 @@ wait_sda() { # $1 = timeout s
 sha() { sha256sum | cut -d' ' -f1; }
 
 t0=$(now_ms)
-modprobe xhci-pci; modprobe usb-storage; modprobe sd_mod; modprobe crc32c 2>/dev/null; modprobe ext4
+modprobe xhci-pci; modprobe uas; modprobe usb-storage; modprobe sd_mod; modprobe crc32c 2>/dev/null; modprobe ext4
 if wait_sda 60; then
   echo "METRIC sda_ms $(( $(now_ms) - t0 ))"
   res sda PASS "/dev/sda present"
 else
   res sda FAIL "no /dev/sda after 60 s"; dmesg | tail -30; exit 0
+fi
+# Which transport the kernel chose: stick_proto=uas expects the uas driver.
+if [ "$(arg stick_proto)" = uas ]; then
+  ls /sys/bus/usb/drivers/uas/ 2>/dev/null | grep -q ':' && res uas_bound PASS "uas driver bound" || res uas_bound FAIL "uas not bound"
 fi
 PCI=$(ls /sys/bus/pci/drivers/xhci_hcd/ | grep '^0000:' | head -1)
 [ -n "$PCI" ] && res xhci_bound PASS "$PCI" || res xhci_bound FAIL "xhci_hcd not bound"

@@ -24,6 +24,7 @@
 
 mod bot;
 mod scsi;
+pub mod uas;
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -42,6 +43,7 @@ use crate::usb::{
 };
 use bot::{DataPhase, DevData, Next};
 use scsi::{Plan, Scsi};
+use uas::Uas;
 
 pub use bot::Cbw;
 pub use scsi::{
@@ -111,10 +113,41 @@ pub struct UsbStorage {
     need_reset_recovery: bool,
     in_q: VecDeque<Transfer>,
     out_q: VecDeque<Transfer>,
+    /// The UAS engine (alternate setting 1, SuperSpeed only).
+    uas: Uas,
 }
 
-/// The descriptors of the drive at `speed`.
-fn descriptor_set(speed: Speed, serial: &str) -> DescriptorSet {
+/// The UAS alternate setting: four bulk pipes, each followed by its Pipe
+/// Usage descriptor; the status and data pipes carry streams.
+fn uas_interface(companion: SsEndpointCompanion) -> InterfaceDescriptor {
+    let ep = |addr, pipe: u8, streams: bool| EndpointDescriptor {
+        ss_companion: Some(SsEndpointCompanion {
+            attributes: if streams { uas::MAX_STREAMS_EXP } else { 0 },
+            ..companion
+        }),
+        extra: vec![4, uas::DT_PIPE_USAGE, pipe, 0],
+        ..EndpointDescriptor::bulk(addr, 1024)
+    };
+    InterfaceDescriptor {
+        interface_number: 0,
+        alternate_setting: 1,
+        class: 8,
+        subclass: 6,
+        protocol: uas::PROTOCOL_UAS,
+        interface_index: 0,
+        extra: Vec::new(),
+        endpoints: vec![
+            ep(uas::EP_COMMAND, 1, false),
+            ep(uas::EP_STATUS, 2, true),
+            ep(uas::EP_DATA_IN, 3, true),
+            ep(uas::EP_DATA_OUT, 4, true),
+        ],
+    }
+}
+
+/// The descriptors of the drive at `speed` (with the UAS alternate setting
+/// if `uas` and SuperSpeed).
+fn descriptor_set(speed: Speed, serial: &str, uas: bool) -> DescriptorSet {
     let ss = speed.is_superspeed();
     let device = DeviceDescriptor {
         bcd_usb: if ss { 0x0320 } else { 0x0200 },
@@ -164,11 +197,15 @@ fn descriptor_set(speed: Speed, serial: &str) -> DescriptorSet {
             attributes: 0,
             bytes_per_interval: 0,
         };
+        let mut config = config(1024, Some(companion), 12);
+        if uas {
+            config.interfaces.push(uas_interface(companion));
+        }
         DescriptorSet {
             speed,
             device,
             // 12 * 8 mA = 96 mA.
-            config: config(1024, Some(companion), 12),
+            config,
             other_speed: None,
             qualifier: None,
             bos: Some(Bos {
@@ -246,13 +283,28 @@ impl UsbStorage {
             name: "storage".to_string(),
             speed,
             blocks,
-            std: StdRequests::new(descriptor_set(speed, &serial)),
+            std: StdRequests::new(descriptor_set(speed, &serial, false)),
             scsi: Scsi::new(file, blocks, readonly, serial),
             state: BotState::ExpectCbw,
             need_reset_recovery: false,
             in_q: VecDeque::new(),
             out_q: VecDeque::new(),
+            uas: Uas::default(),
         })
+    }
+
+    /// Offers or withholds (the default) the UAS alternate setting; it is
+    /// only offered at SuperSpeed (streams). Meant for set-up, before the
+    /// device is plugged in.
+    pub fn with_uas(mut self, on: bool) -> Self {
+        let serial = self.scsi.serial().to_string();
+        self.std = StdRequests::new(descriptor_set(self.speed, &serial, on));
+        self
+    }
+
+    /// Whether the host selected the UAS alternate setting.
+    pub fn uas_active(&self) -> bool {
+        self.std.alternate(0) == 1
     }
 
     /// Capacity in 512-byte blocks.
@@ -279,6 +331,7 @@ impl UsbStorage {
         for t in self.in_q.drain(..).chain(self.out_q.drain(..)) {
             t.complete(status, 0);
         }
+        self.uas.reset(status);
     }
 
     fn control(&mut self, xfer: Transfer, setup: SetupPacket) {
@@ -312,6 +365,13 @@ impl UsbStorage {
                 if v == 0 {
                     self.fail_parked(TransferStatus::Stall);
                 }
+                xfer.complete(TransferStatus::Success, ack);
+            }
+            StdOutcome::InterfaceSet { .. } => {
+                // BOT <-> UAS: whatever was under way on the old setting
+                // is gone.
+                self.bot_reset();
+                self.fail_parked(TransferStatus::Cancelled);
                 xfer.complete(TransferStatus::Success, ack);
             }
             StdOutcome::NotStandard => self.class_request(xfer, setup),
@@ -592,6 +652,33 @@ impl UsbStorage {
     }
 }
 
+impl UsbStorage {
+    /// A bulk transfer while the UAS alternate setting is selected.
+    fn submit_uas(&mut self, xfer: Transfer) {
+        let addr = match xfer.direction() {
+            Direction::In => 0x80 | xfer.endpoint(),
+            Direction::Out => xfer.endpoint(),
+        };
+        let known = matches!(
+            addr,
+            uas::EP_COMMAND | uas::EP_STATUS | uas::EP_DATA_IN | uas::EP_DATA_OUT
+        );
+        if !known || !matches!(xfer.kind(), TransferKind::Bulk) || self.std.is_halted(addr) {
+            if !known {
+                warn!(target: "storage::uas", "transfer on endpoint {addr:#04x} rejected");
+            }
+            xfer.complete(TransferStatus::Stall, 0);
+            return;
+        }
+        match addr {
+            uas::EP_COMMAND => self.uas.command(xfer, &mut self.scsi),
+            uas::EP_STATUS => self.uas.status(xfer),
+            a => self.uas.data(xfer, a == uas::EP_DATA_IN),
+        }
+        self.uas.pump(&mut self.scsi);
+    }
+}
+
 impl UsbDevice for UsbStorage {
     fn name(&self) -> String {
         self.name.clone()
@@ -609,6 +696,9 @@ impl UsbDevice for UsbStorage {
     }
 
     fn submit(&mut self, xfer: Transfer) {
+        if self.uas_active() && !matches!(xfer.kind(), TransferKind::Control(_)) {
+            return self.submit_uas(xfer);
+        }
         match (xfer.kind(), xfer.endpoint(), xfer.direction()) {
             (TransferKind::Control(setup), 0, _) => self.control(xfer, setup),
             (TransferKind::Bulk, 1, Direction::In) if self.std.is_configured() => {
@@ -626,6 +716,7 @@ impl UsbDevice for UsbStorage {
     }
 
     fn cancel(&mut self, id: TransferId) {
+        self.uas.cancel(id);
         for q in [&mut self.in_q, &mut self.out_q] {
             if let Some(i) = q.iter().position(|t| t.id() == id) {
                 if let Some(t) = q.remove(i) {

@@ -22,6 +22,8 @@ pub const KEY_MEDIUM_ERROR: u8 = 0x03;
 pub const KEY_ILLEGAL_REQUEST: u8 = 0x05;
 /// Sense key DATA PROTECT.
 pub const KEY_DATA_PROTECT: u8 = 0x07;
+/// Sense key ABORTED COMMAND.
+pub const KEY_ABORTED_COMMAND: u8 = 0x0b;
 
 /// Sense data of the last failed command (SPC-4 §4.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +56,8 @@ impl Sense {
     pub const READ_ERROR: Sense = Sense::new(KEY_MEDIUM_ERROR, 0x11, 0);
     /// MEDIUM ERROR, WRITE ERROR.
     pub const WRITE_ERROR: Sense = Sense::new(KEY_MEDIUM_ERROR, 0x0c, 0);
+    /// ABORTED COMMAND (the transport could not move the data).
+    pub const ABORTED: Sense = Sense::new(KEY_ABORTED_COMMAND, 0, 0);
 
     /// Fixed-format sense data, 18 bytes (SPC-4 §4.5.3).
     pub fn to_fixed(self) -> [u8; 18] {
@@ -108,6 +112,7 @@ mod op {
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
@@ -159,6 +164,11 @@ impl Scsi {
             serial,
             sense: Sense::default(),
         }
+    }
+
+    /// The unit serial number.
+    pub fn serial(&self) -> &str {
+        &self.serial
     }
 
     /// The image file.
@@ -245,6 +255,12 @@ impl Scsi {
                         Plan::Fail(Sense::WRITE_ERROR)
                     }
                 }
+            }
+            op::REPORT_LUNS => {
+                // One LUN, number 0 (SPC-4 §6.33): list length 8, then it.
+                let mut v = vec![0u8; 16];
+                v[3] = 8;
+                reply(v, usize::try_from(be32(c, 6)).unwrap_or(usize::MAX))
             }
             op::MODE_SENSE_6 => self.mode_sense(c, false),
             op::MODE_SENSE_10 => self.mode_sense(c, true),

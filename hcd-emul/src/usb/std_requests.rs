@@ -64,7 +64,18 @@ pub enum StdOutcome {
     /// SET_CONFIGURATION with this value (0: back to the address state);
     /// every halt bit is clear. Acknowledge.
     Configured(u8),
+    /// SET_INTERFACE selected `alternate` of `interface` (it exists); the
+    /// interface's endpoints are no longer halted. Acknowledge.
+    InterfaceSet {
+        /// bInterfaceNumber.
+        interface: u8,
+        /// bAlternateSetting now in effect.
+        alternate: u8,
+    },
 }
+
+/// Most interfaces whose alternate setting is tracked.
+const MAX_INTERFACES: usize = 32;
 
 /// Chapter-9 state of a device plus its descriptors.
 #[derive(Debug, Clone)]
@@ -75,6 +86,8 @@ pub struct StdRequests {
     /// Halt bit per endpoint: bit `n` for OUT endpoint `n`, bit `16 + n`
     /// for IN endpoint `n`.
     halted: u32,
+    /// Current alternate setting per interface number.
+    alt: [u8; MAX_INTERFACES],
 }
 
 fn ep_bit(addr: u8) -> u32 {
@@ -94,6 +107,7 @@ impl StdRequests {
             address: 0,
             configuration: 0,
             halted: 0,
+            alt: [0; MAX_INTERFACES],
         }
     }
 
@@ -107,6 +121,23 @@ impl StdRequests {
         self.address = 0;
         self.configuration = 0;
         self.halted = 0;
+        self.alt = [0; MAX_INTERFACES];
+    }
+
+    /// The alternate setting `interface` is in (0 if unknown).
+    pub fn alternate(&self, interface: u8) -> u8 {
+        self.alt.get(usize::from(interface)).copied().unwrap_or(0)
+    }
+
+    /// The interfaces (in their current alternate settings) of the
+    /// configuration, if configured.
+    fn active_interfaces(&self) -> impl Iterator<Item = &descriptor::InterfaceDescriptor> {
+        let on = self.is_configured();
+        self.desc
+            .config
+            .interfaces
+            .iter()
+            .filter(move |i| on && i.alternate_setting == self.alternate(i.interface_number))
     }
 
     /// The address from the last SET_ADDRESS.
@@ -141,7 +172,9 @@ impl StdRequests {
 
     fn endpoint_exists(&self, addr: u8) -> bool {
         (addr & 0x0f == 0 && addr & 0x70 == 0)
-            || (self.is_configured() && self.desc.config.endpoint(addr).is_some())
+            || self
+                .active_interfaces()
+                .any(|i| i.endpoints.iter().any(|e| e.address == addr))
     }
 
     fn interface_exists(&self, index: u16) -> bool {
@@ -212,25 +245,19 @@ impl StdRequests {
                 if v == 0 || v == u16::from(self.desc.config.configuration_value) {
                     self.configuration = u8::try_from(v).unwrap_or(0);
                     self.halted = 0;
+                    self.alt = [0; MAX_INTERFACES];
                     StdOutcome::Configured(self.configuration)
                 } else {
                     StdOutcome::Stall
                 }
             }
-            (request::GET_INTERFACE, true, 1) => {
-                if self.interface_exists(setup.index) {
-                    StdOutcome::Data(vec![0])
-                } else {
-                    StdOutcome::Stall
+            (request::GET_INTERFACE, true, 1) => match u8::try_from(setup.index) {
+                Ok(i) if self.interface_exists(setup.index) => {
+                    StdOutcome::Data(vec![self.alternate(i)])
                 }
-            }
-            (request::SET_INTERFACE, false, 1) => {
-                if setup.value == 0 && self.interface_exists(setup.index) {
-                    StdOutcome::NoData
-                } else {
-                    StdOutcome::Stall
-                }
-            }
+                _ => StdOutcome::Stall,
+            },
+            (request::SET_INTERFACE, false, 1) => self.set_interface(setup.index, setup.value),
             (request::SET_SEL | request::SET_ISOCH_DELAY, false, 0) => StdOutcome::NoData,
             // Other standard requests to an interface may be class-defined.
             (_, _, 1) => StdOutcome::NotStandard,
@@ -242,6 +269,41 @@ impl StdRequests {
                 StdOutcome::Data(v)
             }
             o => o,
+        }
+    }
+
+    /// SET_INTERFACE (USB 2.0 §9.4.10): the alternate setting must exist;
+    /// the endpoints of the new setting start unhalted.
+    fn set_interface(&mut self, index: u16, value: u16) -> StdOutcome {
+        let (Ok(interface), Ok(alternate)) = (u8::try_from(index), u8::try_from(value)) else {
+            return StdOutcome::Stall;
+        };
+        let exists = self.is_configured()
+            && usize::from(interface) < MAX_INTERFACES
+            && self
+                .desc
+                .config
+                .interfaces
+                .iter()
+                .any(|i| i.interface_number == interface && i.alternate_setting == alternate);
+        if !exists {
+            return StdOutcome::Stall;
+        }
+        self.alt[usize::from(interface)] = alternate;
+        let eps: Vec<u8> = self
+            .desc
+            .config
+            .interfaces
+            .iter()
+            .filter(|i| i.interface_number == interface)
+            .flat_map(|i| i.endpoints.iter().map(|e| e.address))
+            .collect();
+        for e in eps {
+            self.set_halted(e, false);
+        }
+        StdOutcome::InterfaceSet {
+            interface,
+            alternate,
         }
     }
 
@@ -401,7 +463,13 @@ mod tests {
             StdOutcome::Data(vec![1, 0])
         );
         assert_eq!(s.handle(&sp(0x01, 11, 1, 0, 0), &[]), StdOutcome::Stall);
-        assert_eq!(s.handle(&sp(0x01, 11, 0, 0, 0), &[]), StdOutcome::NoData);
+        assert_eq!(
+            s.handle(&sp(0x01, 11, 0, 0, 0), &[]),
+            StdOutcome::InterfaceSet {
+                interface: 0,
+                alternate: 0
+            }
+        );
         assert_eq!(
             s.handle(&sp(0x21, 0xff, 0, 0, 0), &[]),
             StdOutcome::NotStandard
@@ -415,5 +483,66 @@ mod tests {
         assert_eq!(s.address(), 7);
         s.reset();
         assert_eq!((s.address(), s.configuration()), (0, 0));
+    }
+
+    #[test]
+    fn alternate_settings_select_their_endpoints() {
+        let mut d = set(Speed::High);
+        let alt1 = InterfaceDescriptor {
+            interface_number: 0,
+            alternate_setting: 1,
+            endpoints: vec![EndpointDescriptor::bulk(0x83, 512)],
+            ..InterfaceDescriptor::default()
+        };
+        d.config.interfaces.push(alt1);
+        let mut s = StdRequests::new(d);
+        assert_eq!(
+            s.handle(&sp(0x00, 9, 1, 0, 0), &[]),
+            StdOutcome::Configured(1)
+        );
+        // Alternate 0's endpoint exists, alternate 1's does not yet.
+        assert_eq!(
+            s.handle(&sp(0x82, 0, 0, 0x81, 2), &[]),
+            StdOutcome::Data(vec![0, 0])
+        );
+        assert_eq!(s.handle(&sp(0x82, 0, 0, 0x83, 2), &[]), StdOutcome::Stall);
+        s.set_halted(0x81, true);
+        assert_eq!(
+            s.handle(&sp(0x01, 11, 1, 0, 0), &[]),
+            StdOutcome::InterfaceSet {
+                interface: 0,
+                alternate: 1
+            }
+        );
+        assert_eq!(s.alternate(0), 1);
+        assert_eq!(
+            s.handle(&sp(0x81, 10, 0, 0, 1), &[]),
+            StdOutcome::Data(vec![1])
+        );
+        assert_eq!(
+            s.handle(&sp(0x82, 0, 0, 0x83, 2), &[]),
+            StdOutcome::Data(vec![0, 0])
+        );
+        assert_eq!(s.handle(&sp(0x82, 0, 0, 0x81, 2), &[]), StdOutcome::Stall);
+        // Back to 0: its endpoint starts unhalted. Missing settings and
+        // interfaces stall; so does a 16-bit value.
+        assert_eq!(
+            s.handle(&sp(0x01, 11, 0, 0, 0), &[]),
+            StdOutcome::InterfaceSet {
+                interface: 0,
+                alternate: 0
+            }
+        );
+        assert!(!s.is_halted(0x81));
+        assert_eq!(s.handle(&sp(0x01, 11, 2, 0, 0), &[]), StdOutcome::Stall);
+        assert_eq!(s.handle(&sp(0x01, 11, 0, 1, 0), &[]), StdOutcome::Stall);
+        assert_eq!(s.handle(&sp(0x01, 11, 0x101, 0, 0), &[]), StdOutcome::Stall);
+        // SET_CONFIGURATION and reset go back to alternate 0.
+        s.handle(&sp(0x01, 11, 1, 0, 0), &[]);
+        s.handle(&sp(0x00, 9, 1, 0, 0), &[]);
+        assert_eq!(s.alternate(0), 0);
+        s.handle(&sp(0x01, 11, 1, 0, 0), &[]);
+        s.reset();
+        assert_eq!(s.alternate(0), 0);
     }
 }

@@ -789,3 +789,5 @@ fn reset_and_cancel_complete_parked_transfers() {
     h.configure();
     assert_eq!(h.command_none(&[0]), 0);
 }
+
+mod uas;
