@@ -8,6 +8,7 @@
 
 pub mod config;
 mod evloop;
+pub mod timeline;
 pub mod vfio_user;
 pub mod wrap;
 pub mod xen;

@@ -105,6 +105,7 @@ impl IrqFds {
         };
         if kick(f) {
             self.signalled += 1;
+            crate::timeline::record(b'I', u64::from(index), u64::from(vector));
         }
     }
 

@@ -255,6 +255,7 @@ impl<C: PciController> Server<C> {
             signalled,
             self.pci.controller().summary()
         );
+        crate::timeline::flush();
         self.messages = 0;
         self.region_accesses = 0;
         if let Some(s) = self.client.take() {
@@ -552,6 +553,17 @@ impl<C: PciController> Server<C> {
             return Err(libc::EINVAL as u32);
         }
         self.region_accesses += 1;
+        if region == 0 && crate::timeline::enabled() {
+            // When the access arrived (a doorbell's work follows); the
+            // value written (reads: 0).
+            let mut v = [0u8; 8];
+            let k = data.len().min(8);
+            if write {
+                v[..k].copy_from_slice(&data[..k]);
+            }
+            let kind = if write { b'W' } else { b'R' };
+            crate::timeline::record(kind, offset, u64::from_le_bytes(v));
+        }
         let max = if region == REGION_CONFIG { 4 } else { 8 };
         let mut pos = 0usize;
         while pos < data.len() {
