@@ -364,6 +364,9 @@ impl UsbStorage {
                 self.bot_reset();
                 if v == 0 {
                     self.fail_parked(TransferStatus::Stall);
+                } else {
+                    // Back in alternate setting 0: UAS tasks are gone.
+                    self.uas.reset(TransferStatus::Cancelled);
                 }
                 xfer.complete(TransferStatus::Success, ack);
             }
