@@ -1,6 +1,7 @@
 //! An emulated USB mass-storage device: USB Mass Storage Class Bulk-Only
 //! Transport 1.0 carrying SCSI (SPC-4 / SBC-3 subset), backed by a raw
-//! image file.
+//! image file; optionally ([`UsbStorage::with_uas`], SuperSpeed) also USB
+//! Attached SCSI as alternate setting 1 (see [`uas`]).
 //!
 //! * Chapter-9 requests (USB 2.0 ch. 9, USB 3.2 ch. 9) go through
 //!   [`StdRequests`]; the class requests Bulk-Only Mass Storage Reset and
@@ -653,9 +654,7 @@ impl UsbStorage {
             }
         }
     }
-}
 
-impl UsbStorage {
     /// A bulk transfer while the UAS alternate setting is selected.
     fn submit_uas(&mut self, xfer: Transfer) {
         let addr = match xfer.direction() {
