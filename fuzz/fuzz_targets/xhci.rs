@@ -31,7 +31,11 @@ impl InterruptTransport for NoIrq {
 fn stick(speed: Speed) -> Option<Box<UsbStorage>> {
     let mut f = tempfile_like()?;
     f.write_all(&[0u8; 64 << 10]).ok()?;
-    UsbStorage::from_file(f, false, speed).ok().map(Box::new)
+    // SuperSpeed sticks also offer UAS: inputs can reach its engine
+    // through SET_INTERFACE and the stream doorbells.
+    UsbStorage::from_file(f, false, speed)
+        .ok()
+        .map(|s| Box::new(s.with_uas(true)))
 }
 
 fn tempfile_like() -> Option<std::fs::File> {
