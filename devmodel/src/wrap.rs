@@ -13,7 +13,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -77,6 +77,17 @@ pub fn run(
         // libxl's probe (or anything else): not ours.
         return Err(exec_qemu(qemu, args));
     };
+    start_service(domid, serve)?;
+    Err(exec_qemu(qemu, args))
+}
+
+/// Forks the service process, which runs `serve(domid, ready)`, and
+/// returns its pid as soon as it called `ready` (it keeps serving), or the
+/// reason it failed before that.
+fn start_service(
+    domid: u16,
+    serve: impl FnOnce(u16, &mut dyn FnMut()) -> anyhow::Result<()>,
+) -> anyhow::Result<libc::pid_t> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -94,33 +105,41 @@ pub fn run(
     if pid == 0 {
         drop(rd);
         close_inherited(wr.as_raw_fd());
-        let mut pipe = File::from(wr);
+        // Closed as soon as the answer is written: the parent reads one
+        // line, but an open pipe must not be what holds QEMU back.
+        let mut pipe = Some(File::from(wr));
         let mut report = |msg: &str| {
-            let _ = pipe.write_all(msg.as_bytes());
+            if let Some(mut p) = pipe.take() {
+                let _ = p.write_all(msg.as_bytes());
+            }
         };
-        let mut told = false;
-        let r = serve(domid, &mut || {
-            told = true;
-            report("ok\n");
-        });
+        let r = serve(domid, &mut || report("ok\n"));
         let code = match r {
             Ok(()) => 0,
             Err(e) => {
                 let msg = format!("{e:#}");
-                eprintln!("xen-usb-dm: {msg}");
-                if !told {
-                    report(&format!("error: {msg}\n"));
-                }
+                // Straight to descriptor 2 and out with _exit: no lock
+                // (stderr's, stdout's at exit) that a thread of the parent
+                // may have held at fork time (the unit tests fork from a
+                // multi-threaded harness), and no atexit handler of the
+                // parent's.
+                let line = format!("xen-usb-dm: {msg}\n");
+                // SAFETY: writing a buffer we own to descriptor 2.
+                unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
+                report(&format!("error: {msg}\n"));
                 1
             }
         };
-        std::process::exit(code);
+        // SAFETY: ends this (forked) process without unwinding.
+        unsafe { libc::_exit(code) }
     }
     drop(wr);
+    // One line: "ok", or "error: why"; EOF if the service process died
+    // without a word.
     let mut answer = String::new();
-    let _ = File::from(rd).read_to_string(&mut answer);
+    let _ = BufReader::new(File::from(rd)).read_line(&mut answer);
     if answer.starts_with("ok") {
-        return Err(exec_qemu(qemu, args));
+        return Ok(pid);
     }
     // The service process failed before the guest could run: reap it and
     // fail the device model start, so libxl fails the domain creation
@@ -173,5 +192,34 @@ mod tests {
         assert!(xen_domid(&args(&["-xen-domid"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "x"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "70000"])).is_err());
+    }
+
+    /// The wrapper must exec QEMU as soon as the service process is ready,
+    /// while that process goes on serving (the bug the real-Xen bed found:
+    /// the wrapper waited for the pipe's end of file, i.e. for the
+    /// service process to exit, and libxl timed out waiting for QEMU).
+    #[test]
+    fn ready_returns_while_the_service_runs() {
+        let t0 = std::time::Instant::now();
+        let pid = start_service(7, |domid, ready| {
+            if domid == 7 {
+                ready();
+            }
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            Ok(())
+        })
+        .unwrap();
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+        let mut status = 0;
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            assert_eq!(
+                libc::waitpid(pid, &mut status, libc::WNOHANG),
+                0,
+                "still serving"
+            );
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
     }
 }
