@@ -4,132 +4,217 @@
 #   /mnt/share/xen-usb-dm           the device model (absent when DM=none)
 #   /mnt/share/{vmlinuz,guest-initrd.gz}
 #   /mnt/share/run/params.env       DM PCI GUEST_TIMEOUT DM_READY_WAIT DM_EXIT_WAIT
-#                                   STICK_ON_SHARE
-#   /mnt/share/run/guest.cfg        xl configuration of the HVM guest
-#   /mnt/share/run/stick.img        the USB stick's image
-# Creates the guest paused, starts xen-usb-dm for its domid, unpauses it,
-# waits for it to power off, checks what the guest wrote against the image,
-# and leaves RESULT/TIMING lines in run/results.txt, the guest's serial log
-# in run/guest-serial.log and xen-usb-dm's log in run/dm.log; run/done last.
+#                                   STICK_ON_SHARE QEMU_XEN MODES
+#   /mnt/share/run/MODE/guest.cfg   xl configuration of that mode's HVM guest
+#                                   (named xtb-MODE)
+#   /mnt/share/run/MODE/stick.img   the USB stick's image
+# Runs one guest per mode in MODES, one after the other:
+#   beside  creates the guest paused (`xl create -p`), starts xen-usb-dm for
+#           its domid next to it, unpauses it;
+#   wrap    the guest's cfg names run/wrap/dm-wrap as device_model_override;
+#           that script runs `xen-usb-dm --wrap QEMU_XEN -- "$@"`, so libxl
+#           itself starts (and stops) xen-usb-dm with the guest (plain
+#           `xl create`); its log is libxl's device-model log.
+# Each waits for the guest to power off, checks what the guest wrote
+# against the image, and leaves RESULT/TIMING lines in run/MODE/results.txt,
+# the guest's logs in run/MODE/guest-{console,serial}.log and xen-usb-dm's
+# log in run/MODE/dm.log; run/MODE/done when that mode is finished, and
+# run/done last.
 set -euo pipefail
-R=/mnt/share/run
-. "$R/params.env"
-# The guest's kernel console is hvc0 (PV console through xenconsoled, fast);
-# its emulated UART (ttyS0 through qemu-xen, ~0.4 KB/s) is logged too.
-CONSOLE=/var/log/xen/console/guest-xtb-guest.log
-SERIAL=/var/log/xen/xtb-guest-serial.log
+TOP=/mnt/share/run
+. "$TOP/params.env"
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}'; }
-result() { echo "RESULT $*" | tee -a "$R/results.txt"; }
-timing() { echo "TIMING $1 $2" | tee -a "$R/results.txt"; }
-finish() {
-  cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
-  cp "$SERIAL" "$R/guest-serial.log" 2>/dev/null || true
-  xl dmesg > "$R/xen-dmesg.log" 2>&1 || true
-  touch "$R/done"
+lt() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a < b)}'; }
+
+# run_mode MODE: one guest; runs in a subshell (its `exit` ends the mode).
+run_mode() {
+  local mode=$1
+  R=$TOP/$mode NAME=xtb-$mode
+  # The guest's kernel console is hvc0 (PV console through xenconsoled,
+  # fast); its emulated UART (ttyS0 through qemu-xen, ~0.4 KB/s) is logged
+  # too. libxl logs the device model's stdout/stderr to QEMU_LOG.
+  CONSOLE=/var/log/xen/console/guest-$NAME.log
+  SERIAL=/var/log/xen/$NAME-serial.log
+  QEMU_LOG=/var/log/xen/qemu-dm-$NAME.log
+  result() { echo "RESULT $*" | tee -a "$R/results.txt"; }
+  timing() { echo "TIMING $1 $2" | tee -a "$R/results.txt"; }
+  finish() {
+    cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
+    cp "$SERIAL" "$R/guest-serial.log" 2>/dev/null || true
+    cp "$QEMU_LOG" "$R/qemu-dm.log" 2>/dev/null || true
+    xl dmesg > "$R/xen-dmesg.log" 2>&1 || true
+    touch "$R/done"
+  }
+  trap finish EXIT
+  dm_alive() { [ -n "$dm_pid" ] && kill -0 "$dm_pid" 2>/dev/null; }
+  dm_pid=""
+  # xen-usb-dm processes (the wrapper's service process in wrap mode);
+  # zombies are not running anything and are left out.
+  # (pgrep: 1 is "none"; anything else is an error, reported as a process)
+  dm_procs() {
+    local rc=0
+    pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
+    [ "$rc" -le 1 ] || echo "pgrep-failed-$rc"
+  }
+  echo "=== mode $mode ($NAME), dom0 uptime $(up) s"
+
+  # The stick's image stays on the 9p share (default): 9p's zero-copy path
+  # cannot pin privcmd-mapped guest pages, so this also exercises
+  # xen-usb-dm's fallback to a bounce buffer. STICK_ON_SHARE=0 serves it
+  # from dom0's tmpfs instead (copied back to the share at the end).
+  if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
+  else STICK=/tmp/stick-$mode.img; cp "$R/stick.img" "$STICK"; fi
+
+  # write_toml [DOMID]: xen-usb-dm's configuration. Deprivileged as a real
+  # deployment would run it: once set up, its Xen descriptors are
+  # restricted to the guest, it runs as nobody, chrooted in an empty
+  # directory. The domain is DOMID (beside) or libxl's -xen-domid (wrap).
+  write_toml() {
+    mkdir -p /run/xen-usb-dm-empty
+    { echo '[controller]'
+      echo 'model = "xhci"'
+      echo '[transport]'
+      echo 'kind = "xen"'
+      [ -z "${1:-}" ] || echo "domid = $1"
+      echo "pci = \"$PCI\""
+      echo 'restrict = true'
+      echo 'uid = 65534'
+      echo 'gid = 65534'
+      echo 'chroot = "/run/xen-usb-dm-empty"'
+      echo '[[device]]'
+      echo 'kind = "storage"'
+      echo "image = \"$STICK\""
+      echo 'speed = "high"'
+    } > "$R/xen-dm.toml"
+  }
+
+  if [ "$mode" = wrap ]; then
+    [ "$DM" != none ] || { result wrap FAIL "wrap mode needs a device model"; exit 0; }
+    write_toml
+    # The script libxl runs instead of QEMU (named in guest.cfg), as in
+    # the README. Its name must not contain "xen-usb-dm" (dm_procs).
+    cat > "$R/dm-wrap" <<WRAP
+#!/bin/sh
+export XEN_USB_DM_LOG=info NO_COLOR=1
+exec $DM --config $R/xen-dm.toml --wrap $QEMU_XEN -- "\$@"
+WRAP
+    chmod +x "$R/dm-wrap"
+    # libxl runs the probe, then the real start (our server is set up
+    # before QEMU is exec'd, so before libxl unpauses the guest).
+    t_unpause=$(up)
+    if ! xl create "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
+      result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
+      cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
+      exit 0
+    fi
+    domid=$(xl domid "$NAME")
+    result xl_create PASS "domid $domid, created and unpaused after $(since "$t_unpause") s"
+    # The device-model log holds our lines and QEMU's.
+    if grep -q 'xen-usb-dm: ready' "$QEMU_LOG"; then
+      result dm_start PASS "$(grep -o 'ready:.*' "$QEMU_LOG" | head -1)"
+    else
+      result dm_start FAIL "no 'ready' line in $QEMU_LOG"
+    fi
+    [ -n "$(dm_procs)" ] && result dm_service PASS "pid $(dm_procs | tr '\n' ' ')" \
+      || result dm_service FAIL "no xen-usb-dm process while the guest runs"
+  else
+    if ! xl create -p "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
+      result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
+      exit 0
+    fi
+    domid=$(xl domid "$NAME")
+    result xl_create PASS "domid $domid"
+    if [ "$DM" != none ]; then
+      write_toml "$domid"
+      XEN_USB_DM_LOG=info NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
+      dm_pid=$!
+      t=$(up)
+      while dm_alive && ! grep -qi ready "$R/dm.log" && lt "$(since "$t")" "$DM_READY_WAIT"; do
+        sleep 0.2
+      done
+      if ! dm_alive; then
+        wait "$dm_pid" && rc=0 || rc=$?
+        result dm_start FAIL "exited with $rc: $(tail -1 "$R/dm.log")"
+        xl destroy "$domid" || true
+        exit 0
+      fi
+      if grep -qi ready "$R/dm.log"; then
+        result dm_start PASS "ready after $(since "$t") s"
+      else
+        result dm_start PASS "no 'ready' line after $DM_READY_WAIT s, going on"
+      fi
+    fi
+    t_unpause=$(up)
+    xl unpause "$domid"
+  fi
+
+  started=""
+  # (xenstore, not `xl list`: xl aborts on a dying domain)
+  while xenstore-exists "/local/domain/$domid"; do
+    if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
+      started=1
+      timing guest_start_s "$(since "$t_unpause")"
+    fi
+    if ! lt "$(since "$t_unpause")" "$GUEST_TIMEOUT"; then
+      result guest_poweroff FAIL "still running after $GUEST_TIMEOUT s, destroyed"
+      xl destroy "$domid" || true
+      break
+    fi
+    sleep 0.5
+  done
+  timing guest_run_s "$(since "$t_unpause")"
+  grep -q '^GUEST-DONE' "$CONSOLE" 2>/dev/null && result guest_done PASS "" \
+    || result guest_done FAIL "no GUEST-DONE on the guest's console"
+
+  if [ -n "$dm_pid" ]; then
+    t=$(up)
+    while dm_alive && lt "$(since "$t")" "$DM_EXIT_WAIT"; do sleep 0.2; done
+    if dm_alive; then
+      xl list > "$R/xl-list-dm-stuck.log" 2>&1 || true   # a dying domain still listed?
+      kill "$dm_pid"; sleep 1; kill -9 "$dm_pid" 2>/dev/null || true
+      result dm_exit FAIL "still running $DM_EXIT_WAIT s after the domain died, killed"
+    else
+      wait "$dm_pid" && rc=0 || rc=$?
+      timing dm_exit_s "$(since "$t")"
+      [ "$rc" = 0 ] && result dm_exit PASS "exited by itself" || result dm_exit FAIL "exited with $rc"
+    fi
+  elif [ "$mode" = wrap ]; then
+    # libxl stops QEMU; the service process must notice the death itself.
+    t=$(up)
+    while [ -n "$(dm_procs)" ] && lt "$(since "$t")" "$DM_EXIT_WAIT"; do sleep 0.2; done
+    left=$(dm_procs)
+    if [ -n "$left" ]; then
+      ps -ef > "$R/ps-dm-stuck.log" 2>&1 || true
+      xl list > "$R/xl-list-dm-stuck.log" 2>&1 || true
+      # shellcheck disable=SC2086
+      kill $left 2>/dev/null || true; sleep 1
+      # shellcheck disable=SC2086
+      kill -9 $left 2>/dev/null || true
+      result dm_exit FAIL "pid ${left//$'\n'/ } still running $DM_EXIT_WAIT s after the domain died, killed"
+    else
+      timing dm_exit_s "$(since "$t")"
+      result dm_exit PASS "no xen-usb-dm process left"
+    fi
+    # Its log is libxl's device-model log (read now that QEMU is gone).
+    cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
+  fi
+  if [ "$DM" != none ]; then
+    line=$(grep -o 'deprivileged.*' "$R/dm.log" | head -1 || true)
+    [ -n "$line" ] && result dm_deprivileged PASS "$line" \
+      || result dm_deprivileged FAIL "no 'deprivileged' line in its log"
+  fi
+
+  [ "$STICK" = "$R/stick.img" ] || cp "$STICK" "$R/stick.img"
+  # dom0's view of the image: does it hold what the guest says it wrote?
+  if read -r _ off len sum < <(tr -d '\r' < "$CONSOLE" | grep '^HOSTCHECK'); then
+    got=$(dd if="$STICK" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
+          | sha256sum | cut -d' ' -f1)
+    [ "$got" = "$sum" ] && result dom0_image PASS "$got" || result dom0_image FAIL "image $got guest $sum"
+  fi
 }
-trap finish EXIT
-dm_alive() { [ -n "$dm_pid" ] && kill -0 "$dm_pid" 2>/dev/null; }
-dm_pid=""
 
-if ! xl create -p "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
-  result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
-  exit 0
-fi
-domid=$(xl domid xtb-guest)
-result xl_create PASS "domid $domid"
-
-# The stick's image stays on the 9p share (default): 9p's zero-copy path
-# cannot pin privcmd-mapped guest pages, so this also exercises
-# xen-usb-dm's fallback to a bounce buffer. STICK_ON_SHARE=0 serves it from
-# dom0's tmpfs instead (copied back to the share at the end).
-if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
-else STICK=/tmp/stick.img; cp "$R/stick.img" "$STICK"; fi
-
-if [ "$DM" != none ]; then
-  # Deprivileged as a real deployment would run it: once set up, its Xen
-  # descriptors are restricted to the guest, it runs as nobody, chrooted
-  # in an empty directory.
-  mkdir -p /run/xen-usb-dm-empty
-  cat > "$R/xen-dm.toml" <<CFG
-[controller]
-model = "xhci"
-[transport]
-kind = "xen"
-domid = $domid
-pci = "$PCI"
-restrict = true
-uid = 65534
-gid = 65534
-chroot = "/run/xen-usb-dm-empty"
-[[device]]
-kind = "storage"
-image = "$STICK"
-speed = "high"
-CFG
-  XEN_USB_DM_LOG=info NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
-  dm_pid=$!
-  t=$(up)
-  while dm_alive && ! grep -qi ready "$R/dm.log" \
-        && awk -v s="$(since "$t")" -v w="$DM_READY_WAIT" 'BEGIN {exit !(s < w)}'; do
-    sleep 0.2
-  done
-  if ! dm_alive; then
-    wait "$dm_pid" && rc=0 || rc=$?
-    result dm_start FAIL "exited with $rc: $(tail -1 "$R/dm.log")"
-    xl destroy "$domid" || true
-    exit 0
-  fi
-  if grep -qi ready "$R/dm.log"; then
-    result dm_start PASS "ready after $(since "$t") s"
-  else
-    result dm_start PASS "no 'ready' line after $DM_READY_WAIT s, going on"
-  fi
-fi
-
-t_unpause=$(up)
-xl unpause "$domid"
-started=""
-# (xenstore, not `xl list`: xl aborts on a dying domain)
-while xenstore-exists "/local/domain/$domid"; do
-  if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
-    started=1
-    timing guest_start_s "$(since "$t_unpause")"
-  fi
-  if awk -v s="$(since "$t_unpause")" -v w="$GUEST_TIMEOUT" 'BEGIN {exit !(s > w)}'; then
-    result guest_poweroff FAIL "still running after $GUEST_TIMEOUT s, destroyed"
-    xl destroy "$domid" || true
-    break
-  fi
-  sleep 0.5
+for mode in $MODES; do
+  ( run_mode "$mode" ) || echo "mode $mode: exited with $?"
 done
-timing guest_run_s "$(since "$t_unpause")"
-grep -q '^GUEST-DONE' "$CONSOLE" 2>/dev/null && result guest_done PASS "" \
-  || result guest_done FAIL "no GUEST-DONE on the guest's console"
-
-if [ -n "$dm_pid" ]; then
-  t=$(up)
-  while dm_alive && awk -v s="$(since "$t")" -v w="$DM_EXIT_WAIT" 'BEGIN {exit !(s < w)}'; do
-    sleep 0.2
-  done
-  if dm_alive; then
-    xl list > "$R/xl-list-dm-stuck.log" 2>&1 || true   # a dying domain still listed?
-    kill "$dm_pid"; sleep 1; kill -9 "$dm_pid" 2>/dev/null || true
-    result dm_exit FAIL "still running $DM_EXIT_WAIT s after the domain died, killed"
-  else
-    wait "$dm_pid" && rc=0 || rc=$?
-    timing dm_exit_s "$(since "$t")"
-    [ "$rc" = 0 ] && result dm_exit PASS "exited by itself" || result dm_exit FAIL "exited with $rc"
-  fi
-  line=$(grep -o 'deprivileged.*' "$R/dm.log" | head -1)
-  [ -n "$line" ] && result dm_deprivileged PASS "$line" \
-    || result dm_deprivileged FAIL "no 'deprivileged' line in its log"
-fi
-
-[ "$STICK" = "$R/stick.img" ] || cp "$STICK" "$R/stick.img"
-# dom0's view of the image: does it hold what the guest says it wrote?
-if read -r _ off len sum < <(tr -d '\r' < "$CONSOLE" | grep '^HOSTCHECK'); then
-  got=$(dd if="$STICK" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
-        | sha256sum | cut -d' ' -f1)
-  [ "$got" = "$sum" ] && result dom0_image PASS "$got" || result dom0_image FAIL "image $got guest $sum"
-fi
+touch "$TOP/done"

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # run.sh DM_BINARY|none
-# One real-Xen run: Xen 4.20 + Debian dom0 inside QEMU 7.2 (TCG); dom0 starts
-# an HVM guest paused, runs DM_BINARY as its secondary device model (xHCI at
-# $XTB_PCI with a 16 MiB stick), unpauses it, and the guest drives the stick
-# (see guest-init.sh, dom0-run.sh). `none` runs no device model: the guest
-# then reports that it found no xHCI, which checks the plumbing alone.
+# One real-Xen run: Xen 4.20 + Debian dom0 inside QEMU 7.2 (TCG); in one
+# dom0 boot, one HVM guest per mode, one after the other, gets DM_BINARY as
+# its secondary device model (xHCI at $XTB_PCI with a 16 MiB stick) and
+# drives the stick (see guest-init.sh, dom0-run.sh). Modes:
+#   beside  dom0 creates the guest paused, starts DM_BINARY next to it,
+#           unpauses it;
+#   wrap    the guest's device_model_override runs DM_BINARY --wrap QEMU,
+#           so libxl starts and stops it with the guest.
+# `none` runs no device model (beside only): the guest then reports that it
+# found no xHCI, which checks the plumbing alone.
 #
 # About one boot in three of the nested set-up freezes (the outer QEMU stops
-# using CPU); such a boot is killed and retried, up to XTB_ATTEMPTS times.
-# Prints every RESULT, the timings and "xen: N passed, M failed"; exits
-# non-zero on any failure.
-# Env: XTB_ATTEMPTS (3), XTB_TIMEOUT (whole run, s, 840), XTB_GUEST_TIMEOUT
+# using CPU); such a boot is killed and retried, up to XTB_ATTEMPTS boots in
+# all; a retry runs only the modes that did not finish.
+# Prints every RESULT (named MODE/check), the timings, one summary line per
+# mode and "xen: N passed, M failed"; exits non-zero on any failure.
+# Env: XTB_MODES ("beside wrap"), XTB_ATTEMPTS (3), XTB_TIMEOUT (whole run,
+# s, 840), XTB_GUEST_TIMEOUT
 # (guest power-on to power-off in dom0, s, 420), XTB_PCI (00:1e.0),
 # XTB_WORK (work directory, default a fresh one under /tmp), KEEP=1 (keep it
 # also on success), XTB_STICK_ON_SHARE (1: serve the stick from the 9p
@@ -20,6 +27,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 DM=${1:?usage: run.sh DM_BINARY|none}
 ATTEMPTS=${XTB_ATTEMPTS:-3}
 TIMEOUT=${XTB_TIMEOUT:-840}
+MODES=${XTB_MODES:-beside wrap}
+[ "$DM" != none ] || MODES=beside
+# libxl's QEMU in the dom0 image (Debian's qemu-system-xen), what the
+# wrapper execs.
+QEMU_XEN=/usr/libexec/xen-qemu-system-i386
 GUEST_TIMEOUT=${XTB_GUEST_TIMEOUT:-420}
 PCI=${XTB_PCI:-00:1e.0}
 STICK_BYTES=$((16 << 20))
@@ -43,9 +55,24 @@ cp "$GUEST_INITRD" "$S/guest-initrd.gz"
 if [ "$DM" != none ]; then cp "$DM" "$S/xen-usb-dm"; DM_IN_DOM0=/mnt/share/xen-usb-dm
 else DM_IN_DOM0=none; fi
 
-prepare_run() { # fresh per attempt: nothing of a frozen attempt leaks into the next
-  rm -rf "$S/run"; mkdir "$S/run"
-  truncate -s "$STICK_BYTES" "$S/run/stick.img"
+# prepare_run: run/ for the next boot. Modes that finished in an earlier
+# boot keep their directory; the others start afresh, so nothing of a
+# frozen attempt leaks into the next. Sets `pending`.
+prepare_run() {
+  local mode
+  mkdir -p "$S/run"
+  rm -f "$S/run/done" "$S/run/params.env"
+  # (dom0's log of an earlier boot is kept as dom0-run-N.log)
+  if [ -f "$S/run/dom0-run.log" ]; then mv "$S/run/dom0-run.log" "$S/run/dom0-run-$((n - 1)).log"; fi
+  pending=""
+  for mode in $MODES; do
+    [ -f "$S/run/$mode/done" ] && continue
+    pending="$pending $mode"
+    rm -rf "${S:?}/run/$mode"; mkdir "$S/run/$mode"
+    truncate -s "$STICK_BYTES" "$S/run/$mode/stick.img"
+    guest_cfg "$mode" > "$S/run/$mode/guest.cfg"
+  done
+  pending=${pending# }
   cat > "$S/run/params.env" <<EOF
 DM=$DM_IN_DOM0
 PCI=$PCI
@@ -53,16 +80,21 @@ GUEST_TIMEOUT=$GUEST_TIMEOUT
 DM_READY_WAIT=20
 DM_EXIT_WAIT=10
 STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-1}
+QEMU_XEN=$QEMU_XEN
+MODES="$pending"
 EOF
-  cat > "$S/run/guest.cfg" <<EOF
-name = "xtb-guest"
+}
+
+guest_cfg() { # guest_cfg MODE: the xl configuration of that mode's guest
+  cat <<EOF
+name = "xtb-$1"
 type = "hvm"
 memory = 256
 vcpus = 1
 kernel = "/mnt/share/vmlinuz"
 ramdisk = "/mnt/share/guest-initrd.gz"
 cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES"
-serial = "file:/var/log/xen/xtb-guest-serial.log"
+serial = "file:/var/log/xen/xtb-$1-serial.log"
 vga = "none"
 vnc = 0
 disk = [ ]
@@ -73,13 +105,18 @@ tsc_mode = "native"
 on_reboot = "destroy"
 on_crash = "destroy"
 EOF
+  # libxl runs this script (written by dom0-run.sh) instead of its QEMU.
+  if [ "$1" = wrap ]; then
+    echo 'device_model_version = "qemu-xen"'
+    echo 'device_model_override = "/mnt/share/run/wrap/dm-wrap"'
+  fi
 }
 
 cpu_s() { # user + system CPU seconds of process $1
   awk '{printf "%d", ($14 + $15) / '"$(getconf CLK_TCK)"'}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 activity() { # sizes and times of the console log and the share's files
-  stat -c '%n %s %Y' "$1" "$S"/run/* 2>/dev/null | cksum
+  stat -c '%n %s %Y' "$1" "$S"/run/* "$S"/run/*/* 2>/dev/null | cksum
 }
 stop_qemu() { # TERM, then KILL if it has not gone within 10 s
   kill "$1" 2>/dev/null || return 0
@@ -135,20 +172,30 @@ boot() {
 }
 
 reasons=""
+declare -A boot_of=() dom0_of=()
+unfinished() { # the modes without their run/MODE/done
+  local mode
+  for mode in $MODES; do [ -f "$S/run/$mode/done" ] || echo -n "$mode "; done
+}
 for n in $(seq "$ATTEMPTS"); do
   boot "$n"
-  # The nested set-up occasionally crashes the guest kernel in early boot
-  # (seen once: a double fault in kmalloc during ACPI init, before init
-  # and before xhci_hcd could load). That boot is retried like a frozen
-  # one, and reported; a crash after init started is a test failure.
-  gc=$S/run/guest-console.log
-  if [ "$status" = "done" ] && grep -q 'Kernel panic' "$gc" 2>/dev/null \
-     && ! grep -q '^GUEST-START' "$gc"; then
-    status="guest-panic-before-init"
-    cp "$gc" "$W/guest-panic-$n.log"
-  fi
-  log "attempt $n: $status after $t_boot s (dom0 up after $t_dom0 s)"
-  if [ "$status" = "done" ]; then break; fi
+  for mode in $pending; do
+    # The nested set-up occasionally crashes the guest kernel in early boot
+    # (seen once: a double fault in kmalloc during ACPI init, before init
+    # and before xhci_hcd could load). That mode is retried like a frozen
+    # boot, and reported; a crash after init started is a test failure.
+    gc=$S/run/$mode/guest-console.log
+    if [ -f "$S/run/$mode/done" ] && grep -q 'Kernel panic' "$gc" 2>/dev/null \
+       && ! grep -q '^GUEST-START' "$gc"; then
+      status="guest-panic-before-init($mode)"
+      cp "$gc" "$W/guest-panic-$n-$mode.log"
+      rm -f "$S/run/$mode/done"
+    fi
+    if [ -f "$S/run/$mode/done" ]; then boot_of[$mode]=$n dom0_of[$mode]=$t_dom0; fi
+  done
+  log "attempt $n ($pending): $status after $t_boot s (dom0 up after $t_dom0 s)"
+  left=$(unfinished)
+  if [ -z "$left" ]; then break; fi
   reasons="$reasons $status"
   grep -E 'XTB-DOM0-FAIL|Panic|panic' "$W/serial-$n.log" | head -5 >&2 || true
   if [ $(( $(date +%s) - t_run )) -ge "$TIMEOUT" ]; then break; fi
@@ -156,56 +203,67 @@ done
 retries=$((n - 1))
 
 # --- results ----------------------------------------------------------------
-R=$S/run
 out=$W/results.txt
 : > "$out"
-if [ "$status" = "done" ]; then
-  echo "RESULT dom0_boot PASS ${t_dom0}s" >> "$out"
-  grep '^RESULT' "$R/results.txt" >> "$out" || true
-  tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK)' \
-    | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/' >> "$out" || true
-  # The host's view of the image too (after dom0 and QEMU are gone).
-  if read -r _ off len sum < <(tr -d '\r' < "$R/guest-console.log" | grep '^HOSTCHECK'); then
-    got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
-          | sha256sum | cut -d' ' -f1)
-    [ "$got" = "$sum" ] && echo "RESULT host_image PASS $got" >> "$out" \
-      || echo "RESULT host_image FAIL image $got guest $sum" >> "$out"
+summaries=()
+for mode in $MODES; do
+  R=$S/run/$mode
+  mo=$W/results-$mode.txt
+  : > "$mo"
+  if [ -f "$R/done" ]; then
+    echo "RESULT dom0_boot PASS ${dom0_of[$mode]}s (boot ${boot_of[$mode]})" >> "$mo"
+    grep '^RESULT' "$R/results.txt" >> "$mo" || true
+    tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK)' \
+      | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/' >> "$mo" || true
+    # The host's view of the image too (after dom0 and QEMU are gone).
+    if read -r _ off len sum < <(tr -d '\r' < "$R/guest-console.log" | grep '^HOSTCHECK'); then
+      got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
+            | sha256sum | cut -d' ' -f1)
+      [ "$got" = "$sum" ] && echo "RESULT host_image PASS $got" >> "$mo" \
+        || echo "RESULT host_image FAIL image $got guest $sum" >> "$mo"
+    fi
+  else
+    echo "RESULT testbed FAIL not finished; last attempt $status after $n attempts" >> "$mo"
   fi
-else
-  echo "RESULT testbed FAIL last attempt $status after $n attempts" >> "$out"
-fi
-sed 's/^/  /' "$out"
-guest_start=$(awk '$1 == "TIMING" && $2 == "guest_start_s" {print $3}' "$R/results.txt" 2>/dev/null)
-guest_run=$(awk '$1 == "TIMING" && $2 == "guest_run_s" {print $3}' "$R/results.txt" 2>/dev/null)
-echo "xen: timings: dom0 up ${t_dom0} s after QEMU start; guest console ${guest_start:--} s" \
-     "and power-off ${guest_run:--} s after unpause; last boot ${t_boot} s;" \
+  sed "s|^RESULT |RESULT $mode/|" "$mo" | tee -a "$out" | sed 's/^/  /'
+  guest_start=$(awk '$1 == "TIMING" && $2 == "guest_start_s" {print $3}' "$R/results.txt" 2>/dev/null)
+  guest_run=$(awk '$1 == "TIMING" && $2 == "guest_run_s" {print $3}' "$R/results.txt" 2>/dev/null)
+  # Where the device model's requests went: it logs its running count at
+  # most once a second while busy; the guest idles 5 s around the 1 MiB
+  # write and the 1 MiB read, so the last three bursts are those and the
+  # guest's shutdown (xhci_hcd halting the controller), and everything
+  # before is firmware, boot and USB enumeration.
+  if [ -f "$R/dm.log" ]; then
+    sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk -v mode="$mode" '
+      / xen: stats: / {
+        split($1, t, "T"); split(t[2], h, ":"); s = h[1] * 3600 + h[2] * 60 + h[3]
+        for (i = 1; i <= NF; i++) if ($i == "stats:") n = $(i + 1)
+        if (seen && s - last >= 3) { b[++k] = prev - base; base = prev }
+        seen = 1; last = s; prev = n
+      }
+      END {
+        if (!seen) exit
+        b[++k] = prev - base
+        if (k < 4) { printf "xen: %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
+        e = prev - b[k] - b[k - 1] - b[k - 2]
+        printf "xen: %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
+      }'
+  fi
+  mp=$(grep -c '^RESULT .* PASS' "$mo" || true)
+  mf=$(grep -c '^RESULT .* FAIL' "$mo" || true)
+  summaries+=("xen: mode $mode: $mp passed, $mf failed; guest console ${guest_start:--} s and power-off ${guest_run:--} s after unpause (boot ${boot_of[$mode]:--})")
+done
+echo "xen: timings: dom0 up ${t_dom0} s after QEMU start (last boot); last boot ${t_boot} s;" \
      "whole run $(( $(date +%s) - t_run )) s; retries $retries${reasons:+ (${reasons# })}"
-# Where the device model's requests went: it logs its running count at
-# most once a second while busy; the guest idles 5 s around the 1 MiB write
-# and the 1 MiB read, so the last three bursts are those and the guest's
-# shutdown (xhci_hcd halting the controller), and everything before is
-# firmware, boot and USB enumeration.
-if [ -f "$R/dm.log" ]; then
-  sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk '
-    / xen: stats: / {
-      split($1, t, "T"); split(t[2], h, ":"); s = h[1] * 3600 + h[2] * 60 + h[3]
-      for (i = 1; i <= NF; i++) if ($i == "stats:") n = $(i + 1)
-      if (seen && s - last >= 3) { b[++k] = prev - base; base = prev }
-      seen = 1; last = s; prev = n
-    }
-    END {
-      if (!seen) exit
-      b[++k] = prev - base
-      if (k < 4) { printf "xen: ioreqs: %d in all (%d bursts)\n", prev, k; exit }
-      e = prev - b[k] - b[k - 1] - b[k - 2]
-      printf "xen: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", prev, e, b[k - 2], b[k - 1], b[k]
-    }'
-fi
+printf '%s\n' "${summaries[@]}"
 passed=$(grep -c '^RESULT .* PASS' "$out" || true)
 failed=$(grep -c '^RESULT .* FAIL' "$out" || true)
 if [ "$failed" != 0 ] || [ "$passed" = 0 ]; then
-  echo "xen: logs in $W (serial-N.log: Xen + dom0 console; share/run: dom0-run.log, dm.log, guest-console.log)"
-  [ -f "$R/dm.log" ] && tail -5 "$R/dm.log" | sed 's/^/  dm: /'
+  echo "xen: logs in $W (serial-N.log: Xen + dom0 console; share/run/dom0-run.log;" \
+       "share/run/MODE: dm.log, guest-console.log, ...)"
+  for mode in $MODES; do
+    if [ -f "$S/run/$mode/dm.log" ]; then tail -5 "$S/run/$mode/dm.log" | sed "s/^/  $mode dm: /"; fi
+  done
 elif [ "${KEEP:-0}" != 1 ] && [ -z "${XTB_WORK:-}" ]; then
   rm -rf "$W"
 fi
