@@ -3,7 +3,12 @@
 //! of what the host expects with what the device intends (§6.7, "the
 //! thirteen cases").
 
+use std::collections::VecDeque;
+use std::fs::File;
+
 use super::scsi::Plan;
+use crate::mem::DmaError;
+use crate::usb::{Transfer, TransferId, TransferStatus};
 
 /// dCBWSignature, "USBC" little-endian.
 pub const CBW_SIGNATURE: u32 = 0x4342_5355;
@@ -95,6 +100,49 @@ pub enum DevData {
     Read(u64),
     /// Write to the image from this byte offset.
     Write(u64),
+}
+
+impl DevData {
+    /// Moves up to `n` bytes of the device's data, from byte `at` of the
+    /// data phase, into (`dir_in`) or out of the transfer's buffer: a reply
+    /// buffer, or the image `file` directly. Data whose direction does not
+    /// match moves nothing. Returns the bytes moved.
+    pub fn move_data(
+        &self,
+        x: &Transfer,
+        dir_in: bool,
+        at: u64,
+        n: usize,
+        file: &File,
+    ) -> Result<usize, DmaError> {
+        match (self, dir_in) {
+            (DevData::Buffer(v), true) => {
+                let from = usize::try_from(at).unwrap_or(usize::MAX);
+                match v.get(from..from.saturating_add(n)) {
+                    Some(s) => x.write_data(0, s),
+                    None => Ok(0),
+                }
+            }
+            (DevData::Read(off), true) => match off.checked_add(at) {
+                Some(o) => x.fill_from_file(0, n, file, o),
+                None => Err(DmaError::Io),
+            },
+            (DevData::Write(off), false) => match off.checked_add(at) {
+                Some(o) => x.drain_to_file(0, n, file, o),
+                None => Err(DmaError::Io),
+            },
+            _ => Ok(0),
+        }
+    }
+}
+
+/// Completes parked transfer `id` as cancelled if it is in `q`.
+pub fn cancel_parked(q: &mut VecDeque<Transfer>, id: TransferId) {
+    if let Some(i) = q.iter().position(|t| t.id() == id) {
+        if let Some(t) = q.remove(i) {
+            t.complete(TransferStatus::Cancelled, 0);
+        }
+    }
 }
 
 /// A data phase in progress.

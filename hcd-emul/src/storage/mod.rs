@@ -546,20 +546,9 @@ impl UsbStorage {
         }
         // n <= xfer.len(), so it fits usize.
         let nu = usize::try_from(n).unwrap_or(usize::MAX);
-        let r = match &p.dev {
-            DevData::Buffer(v) => {
-                let from = usize::try_from(p.dev_done).unwrap_or(usize::MAX);
-                match v.get(from..from.saturating_add(nu)) {
-                    Some(s) => xfer.write_data(0, s),
-                    None => Ok(0),
-                }
-            }
-            DevData::Read(off) => match off.checked_add(p.dev_done) {
-                Some(o) => xfer.fill_from_file(0, nu, self.scsi.file(), o),
-                None => Err(DmaError::Io),
-            },
-            DevData::Nothing | DevData::Write(_) => Ok(0),
-        };
+        let r = p
+            .dev
+            .move_data(&xfer, true, p.dev_done, nu, self.scsi.file());
         match r {
             Ok(moved) => {
                 let moved64 = moved as u64;
@@ -591,16 +580,15 @@ impl UsbStorage {
         let keep = want.min(p.dev_len.saturating_sub(p.dev_done));
         let want_u = usize::try_from(want).unwrap_or(usize::MAX);
         if keep > 0 {
-            let DevData::Write(off) = p.dev else {
+            if !matches!(p.dev, DevData::Write(_)) {
                 // Only writes keep data.
                 xfer.complete(TransferStatus::TransactionError, 0);
                 return;
-            };
+            }
             let keep_u = usize::try_from(keep).unwrap_or(usize::MAX);
-            let r = match off.checked_add(p.dev_done) {
-                Some(o) => xfer.drain_to_file(0, keep_u, self.scsi.file(), o),
-                None => Err(DmaError::Io),
-            };
+            let r = p
+                .dev
+                .move_data(&xfer, false, p.dev_done, keep_u, self.scsi.file());
             match r {
                 Ok(moved) if moved == keep_u => p.dev_done = p.dev_done.saturating_add(keep),
                 Ok(_) => {
@@ -719,13 +707,8 @@ impl UsbDevice for UsbStorage {
 
     fn cancel(&mut self, id: TransferId) {
         self.uas.cancel(id);
-        for q in [&mut self.in_q, &mut self.out_q] {
-            if let Some(i) = q.iter().position(|t| t.id() == id) {
-                if let Some(t) = q.remove(i) {
-                    t.complete(TransferStatus::Cancelled, 0);
-                }
-            }
-        }
+        bot::cancel_parked(&mut self.in_q, id);
+        bot::cancel_parked(&mut self.out_q, id);
     }
 }
 

@@ -30,9 +30,10 @@ use std::collections::VecDeque;
 
 use tracing::warn;
 
-use super::bot::DevData;
+use super::bot::{cancel_parked, DevData};
 use super::scsi::{Plan, Scsi, Sense};
 use crate::mem::DmaError;
+use crate::usb::std_requests::complete_in;
 use crate::usb::{Transfer, TransferId, TransferStatus};
 
 /// Command pipe: bulk OUT (Pipe ID 1).
@@ -190,24 +191,6 @@ fn park(q: &mut VecDeque<Transfer>, xfer: Transfer) {
     q.push_back(xfer);
 }
 
-/// Answers an IN transfer with `iu` (cut to the buffer).
-fn send(xfer: Transfer, iu: &[u8]) {
-    match xfer.write_data(0, iu) {
-        Ok(n) => {
-            let st = if n < xfer.len() {
-                TransferStatus::ShortPacket
-            } else {
-                TransferStatus::Success
-            };
-            xfer.complete(st, n);
-        }
-        Err(e) => {
-            warn!(target: "storage::uas", "status buffer not accessible: {e}");
-            xfer.complete(TransferStatus::TransactionError, 0);
-        }
-    }
-}
-
 impl Uas {
     /// Drops every task and fails every parked transfer with `status`
     /// (bus reset, configuration or interface change).
@@ -226,17 +209,9 @@ impl Uas {
 
     /// Completes parked transfer `id` as cancelled, if it is parked here.
     pub fn cancel(&mut self, id: TransferId) {
-        for q in [
-            &mut self.status_q,
-            &mut self.data_in_q,
-            &mut self.data_out_q,
-        ] {
-            if let Some(i) = q.iter().position(|t| t.id() == id) {
-                if let Some(t) = q.remove(i) {
-                    t.complete(TransferStatus::Cancelled, 0);
-                }
-            }
-        }
+        cancel_parked(&mut self.status_q, id);
+        cancel_parked(&mut self.data_in_q, id);
+        cancel_parked(&mut self.data_out_q, id);
     }
 
     /// Outstanding commands.
@@ -370,7 +345,7 @@ impl Uas {
                 let t = &self.tasks[i];
                 if t.data_done {
                     if let Some(x) = take(&mut self.status_q, t.tag) {
-                        send(x, &t.sense_iu());
+                        complete_in(x, &t.sense_iu());
                         self.tasks.remove(i);
                         progressed = true;
                         continue;
@@ -384,7 +359,7 @@ impl Uas {
                 match take(&mut self.status_q, tag) {
                     Some(x) => {
                         if let Some((_, iu)) = self.replies.remove(j) {
-                            send(x, &iu);
+                            complete_in(x, &iu);
                         }
                         progressed = true;
                     }
@@ -402,25 +377,7 @@ impl Uas {
     fn move_data(t: &mut Task, x: Transfer, scsi: &mut Scsi) {
         let left = t.len.saturating_sub(t.done);
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(x.len());
-        let at = t.done;
-        let r = match &t.dev {
-            DevData::Buffer(v) => {
-                let from = usize::try_from(at).unwrap_or(usize::MAX);
-                match v.get(from..from.saturating_add(want)) {
-                    Some(s) => x.write_data(0, s),
-                    None => Ok(0),
-                }
-            }
-            DevData::Read(off) => match off.checked_add(at) {
-                Some(o) => x.fill_from_file(0, want, scsi.file(), o),
-                None => Err(DmaError::Io),
-            },
-            DevData::Write(off) => match off.checked_add(at) {
-                Some(o) => x.drain_to_file(0, want, scsi.file(), o),
-                None => Err(DmaError::Io),
-            },
-            DevData::Nothing => Ok(0),
-        };
+        let r = t.dev.move_data(&x, t.dir_in, t.done, want, scsi.file());
         match r {
             Ok(moved) => {
                 t.done = t.done.saturating_add(moved as u64);
