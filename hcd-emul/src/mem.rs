@@ -10,6 +10,7 @@
 //! here — is a [`DmaError`], never a panic.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_memory::atomic::GuestMemoryLoadGuard;
@@ -74,6 +75,9 @@ fn covers(m: &GuestMemoryMmap, addr: u64, len: usize) -> bool {
 pub struct GuestRam {
     inner: GuestMemoryAtomic<GuestMemoryMmap>,
     mapper: Option<Arc<dyn GuestMapper>>,
+    /// Guest-memory operations so far, by every clone of this handle
+    /// (controllers budget their work per guest access with it).
+    ops: Arc<AtomicU64>,
 }
 
 impl GuestRam {
@@ -82,6 +86,7 @@ impl GuestRam {
         Self {
             inner: GuestMemoryAtomic::new(map),
             mapper: None,
+            ops: Arc::default(),
         }
     }
 
@@ -92,6 +97,7 @@ impl GuestRam {
         Self {
             inner: GuestMemoryAtomic::new(GuestMemoryMmap::default()),
             mapper: Some(mapper),
+            ops: Arc::default(),
         }
     }
 
@@ -102,6 +108,7 @@ impl GuestRam {
         addr: u64,
         len: usize,
     ) -> Result<GuestMemoryLoadGuard<GuestMemoryMmap>, DmaError> {
+        self.ops.fetch_add(1, Ordering::Relaxed);
         Self::check(addr, len)?;
         let covers = |m: &GuestMemoryMmap| covers(m, addr, len);
         let mem = self.inner.memory();
@@ -143,6 +150,7 @@ impl GuestRam {
         len: usize,
         mut f: impl FnMut(&GuestMemoryMmap) -> Option<T>,
     ) -> Result<T, DmaError> {
+        self.ops.fetch_add(1, Ordering::Relaxed);
         Self::check(addr, len)?;
         if let Some(v) = f(&self.inner.memory()) {
             return Ok(v);
@@ -154,6 +162,12 @@ impl GuestRam {
             }
         }
         Err(DmaError::Unmapped { addr, len })
+    }
+
+    /// Guest-memory operations (reads, writes, range look-ups) made so far
+    /// through this handle and its clones, whether they succeeded or not.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
     }
 
     /// A map with no memory: every access fails until [`GuestRam::replace`].

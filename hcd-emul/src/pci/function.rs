@@ -441,6 +441,8 @@ pub struct PciFunction<C: PciController> {
     bars: Vec<BarInfo>,
     /// Power-on configuration space, restored on reset.
     power_on: ConfigSpace,
+    /// Inside [`PciFunction::one_access`].
+    in_access: bool,
 }
 
 impl<C: PciController> PciFunction<C> {
@@ -481,6 +483,7 @@ impl<C: PciController> PciFunction<C> {
             identity,
             bars,
             power_on: config,
+            in_access: false,
         }
     }
 
@@ -565,8 +568,28 @@ impl<C: PciController> PciFunction<C> {
         self.state.flush_pending();
     }
 
+    /// Runs `f` as one guest access: the controller's work budget starts
+    /// afresh once for all the register accesses `f` makes, not once per
+    /// register (a vfio-user REGION_WRITE of many registers, a Xen rep
+    /// ioreq), so batching accesses cannot multiply the work one guest
+    /// access may cause.
+    pub fn one_access<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.controller.new_access();
+        let outer = std::mem::replace(&mut self.in_access, true);
+        let r = f(self);
+        self.in_access = outer;
+        r
+    }
+
+    fn new_access(&mut self) {
+        if !self.in_access {
+            self.controller.new_access();
+        }
+    }
+
     /// A read of `data.len()` bytes at `offset` in BAR `bar`.
     pub fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        self.new_access();
         if self
             .state
             .msix
@@ -581,6 +604,7 @@ impl<C: PciController> PciFunction<C> {
 
     /// A write of `data.len()` bytes at `offset` in BAR `bar`.
     pub fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        self.new_access();
         if self
             .state
             .msix

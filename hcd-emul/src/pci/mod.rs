@@ -136,11 +136,21 @@ pub trait PciController: Send + std::fmt::Debug {
     /// Work that is not a register access: completions posted by devices
     /// from other threads, timers. Transports call this when woken.
     fn process(&mut self, irq: &mut dyn IrqSink);
+    /// A new guest access begins: the work the controller may do for it
+    /// (its per-access budget) starts afresh. [`PciFunction`] calls it
+    /// before each register access, or once for a batch of them (one
+    /// vfio-user message, one Xen rep ioreq: see
+    /// [`PciFunction::one_access`]).
+    ///
+    /// [`PciFunction`]: crate::pci::PciFunction
+    /// [`PciFunction::one_access`]: crate::pci::PciFunction::one_access
+    fn new_access(&mut self) {}
     /// COMMAND.Bus Master Enable changed; while off the controller must not
     /// DMA.
     fn set_bus_master(&mut self, _enabled: bool) {}
-    /// When [`PciController::process`] next has timed work (interrupt
-    /// moderation, frame timers), if ever.
+    /// When [`PciController::process`] next has work: timed work
+    /// (interrupt moderation, frame timers), or now when the work budget
+    /// of the last access or wake-up left work undone.
     fn next_deadline(&self) -> Option<std::time::Instant> {
         None
     }

@@ -705,6 +705,12 @@ impl UsbDevice for UsbStorage {
         self.pump();
     }
 
+    fn alloc_streams(&mut self, endpoint: u8, _streams: u16) -> bool {
+        // The guest may ask for more stream IDs than MaxStreams (xHCI
+        // arrays are powers of two); the UAS driver uses only ours.
+        self.std.descriptors().offers_streams(endpoint)
+    }
+
     fn cancel(&mut self, id: TransferId) {
         self.uas.cancel(id);
         bot::cancel_parked(&mut self.in_q, id);

@@ -147,10 +147,14 @@ pub trait UsbDevice: Send + std::fmt::Debug {
     /// MaxPStreams). Transfers on it then carry a [`Transfer::stream_id`].
     /// Returns `false` if the streams cannot be had (the controller then
     /// fails the command with Resource Error, as a host controller out of
-    /// stream resources would). Emulated devices need nothing: the default
-    /// accepts. A passthrough backend allocates the streams on the host.
+    /// stream resources would). The default refuses: streams only where
+    /// the device's descriptors offer them (an emulated device checks its
+    /// own, e.g. with [`DescriptorSet::offers_streams`]; a passthrough
+    /// backend asks the host, whose kernel checks the real device's).
+    ///
+    /// [`DescriptorSet::offers_streams`]: crate::usb::std_requests::DescriptorSet::offers_streams
     fn alloc_streams(&mut self, _endpoint: u8, _streams: u16) -> bool {
-        true
+        false
     }
 
     /// The streams of `endpoint` are no longer used (endpoint dropped or

@@ -41,6 +41,23 @@ pub struct DescriptorSet {
     pub self_powered: bool,
 }
 
+impl DescriptorSet {
+    /// Whether endpoint `address` is a bulk endpoint with streams (its
+    /// SuperSpeed companion's MaxStreams is not zero) in any alternate
+    /// setting of the configuration.
+    pub fn offers_streams(&self, address: u8) -> bool {
+        self.config
+            .interfaces
+            .iter()
+            .flat_map(|i| i.endpoints.iter())
+            .any(|e| {
+                e.address == address
+                    && e.attributes & 3 == 2
+                    && e.ss_companion.is_some_and(|c| c.attributes & 0x1f != 0)
+            })
+    }
+}
+
 /// What the device should do with a control request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StdOutcome {

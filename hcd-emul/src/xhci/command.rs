@@ -1,7 +1,8 @@
 //! The command ring (xHCI 1.2 §4.6).
 //!
-//! Commands run synchronously when doorbell 0 is rung, at most
-//! [`limits::COMMANDS_PER_DOORBELL`] per ring. A command whose input context
+//! Doorbell 0 queues the command ring; commands then run within the work
+//! budget of the access (at most [`limits::COMMANDS_PER_ACCESS`]), the
+//! rest on the following wake-ups. A command whose input context
 //! cannot be read completes with Parameter Error; an unreadable command ring
 //! is a Host System Error.
 
@@ -14,16 +15,26 @@ use super::trb::{cc, ctl, ty, Trb};
 use super::{Stream, Xhci, SCT_PRIMARY_TR};
 
 impl Xhci {
+    /// Runs commands until the ring is empty, the budget is spent (then
+    /// `cmd_pending` stays set and the next wake-up goes on), or the ring
+    /// stops.
     pub(super) fn process_commands(&mut self) {
-        self.process_completions();
-        for _ in 0..limits::COMMANDS_PER_DOORBELL {
-            if !self.cmd_running || !self.running() {
+        for _ in 0..limits::COMMANDS_PER_ACCESS {
+            if !self.cmd_running || !self.dma_allowed() {
+                self.cmd_pending = false;
+                return;
+            }
+            if !self.budget_left() {
                 return;
             }
             match self.cmd_ring.next(&self.ram) {
-                Ok(None) => return,
+                Ok(None) => {
+                    self.cmd_pending = false;
+                    return;
+                }
                 Ok(Some((addr, trb, after))) => {
                     self.cmd_ring = after;
+                    self.work += 1;
                     let (code, slot) = self.execute(&trb);
                     self.event(
                         0,
@@ -148,6 +159,14 @@ impl Xhci {
         {
             return cc::USB_TRANSACTION_ERROR;
         }
+        // One device, one slot: a port another slot already addressed is
+        // refused (QEMU: TRB Error), or two slots would drive one device.
+        if let Some(other) =
+            (1..=MAX_SLOTS).find(|&o| o != s && self.slots[o].enabled && self.slots[o].port == port)
+        {
+            guest_warn!(target: "xhci::command", "slot {s}: port {port} already belongs to slot {other}");
+            return cc::TRB_ERROR;
+        }
         if ep0_in.ep_type() != ep_type::CONTROL || ep0_in.max_packet() == 0 {
             return cc::PARAMETER_ERROR;
         }
@@ -165,6 +184,10 @@ impl Xhci {
         } else {
             (slot_state::ADDRESSED, s as u8)
         };
+        // A slot in Default state may be addressed again, possibly on
+        // another port: what it had in flight belongs to the old device and
+        // is cancelled there, not later on the new one.
+        self.drop_slot_transfers(s);
         let slot = &mut self.slots[s];
         slot.port = port;
         slot.ctx_addr = ctx_addr;

@@ -22,7 +22,7 @@ mod command;
 mod port;
 mod transfer;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use crate::mem::GuestRam;
@@ -36,14 +36,21 @@ use trb::Trb;
 
 /// Caps on every loop the guest controls.
 pub mod limits {
-    /// Commands processed per doorbell write (QEMU: 256).
-    pub const COMMANDS_PER_DOORBELL: usize = 256;
+    /// Commands executed per guest access or wake-up (QEMU: 256 per
+    /// doorbell); the rest run on the next wake-up.
+    pub const COMMANDS_PER_ACCESS: usize = 256;
     /// TRBs in one TD (Linux uses far fewer: a 1 MiB transfer needs ~20).
     pub const TRBS_PER_TD: usize = 1024;
     /// TDs in flight per endpoint.
     pub const TDS_IN_FLIGHT: usize = 64;
-    /// TRBs examined per doorbell on one endpoint (No Ops, Event Data...).
-    pub const TRBS_PER_KICK: usize = 8192;
+    /// Work per guest access (one register write, or one batch of them:
+    /// a vfio-user message, a Xen rep ioreq) and per wake-up of the event
+    /// loop, in units of one guest-memory operation (a TRB or context
+    /// read, an event write, a data segment) or one TD cancelled. A
+    /// command or TD already started is finished, so one access does at
+    /// most this plus one TD's worth (see docs/design.md); what is left
+    /// is continued from the event loop, between other guest accesses.
+    pub const WORK_PER_ACCESS: u64 = 4096;
     /// MaxPSASize advertised in HCCPARAMS1: Primary Stream Arrays of up to
     /// 2^(7+1) = 256 entries (stream IDs 1-255), as QEMU.
     pub const MAX_PSA_SIZE: u32 = 7;
@@ -93,6 +100,9 @@ struct Stream {
     starved: bool,
 }
 
+/// A ring to fetch TDs from: slot, DCI, stream (0 without streams).
+type RingKey = (usize, usize, u16);
+
 /// Stream Context Type "Primary Transfer Ring" (§6.2.4.1, table 6-13).
 const SCT_PRIMARY_TR: u64 = 1;
 
@@ -106,6 +116,9 @@ struct Endpoint {
     /// Fetching stopped at the in-flight cap with TDs possibly left on the
     /// ring: resumed when completions make room (no doorbell needed).
     starved: bool,
+    /// Has results recorded that are not reported yet (listed in
+    /// `Xhci::dirty`).
+    dirty: bool,
     /// Primary streams, indexed by stream ID (entry 0 reserved, unused);
     /// empty if the endpoint has no streams (MaxPStreams = 0).
     streams: Vec<Stream>,
@@ -210,6 +223,20 @@ pub struct Xhci {
     inflight: HashMap<TransferId, (usize, usize)>,
     next_id: u64,
     bus_master: bool,
+    /// Rings that may hold TDs not fetched yet (rung, below the in-flight
+    /// cap again, or cut short by the work budget), served round-robin;
+    /// `pending_set` keeps each at most once.
+    pending: VecDeque<RingKey>,
+    pending_set: HashSet<RingKey>,
+    /// Endpoints with results recorded but not reported.
+    dirty: Vec<(usize, usize)>,
+    /// The command ring was rung and may hold commands not run yet.
+    cmd_pending: bool,
+    /// `ram.ops()` when the current access's budget started.
+    ops_at_start: u64,
+    /// Work done in the current access that is not a guest-memory
+    /// operation (TDs cancelled, commands run).
+    work: u64,
     /// Counters for diagnostics and benchmarks.
     stats: XhciStats,
     run_start: Instant,
@@ -243,6 +270,12 @@ impl Xhci {
             inflight: HashMap::new(),
             next_id: 1,
             bus_master: true,
+            pending: VecDeque::new(),
+            pending_set: HashSet::new(),
+            dirty: Vec::new(),
+            cmd_pending: false,
+            ops_at_start: 0,
+            work: 0,
             stats: XhciStats::default(),
             run_start: Instant::now(),
         };
@@ -284,6 +317,60 @@ impl Xhci {
         self.usbcmd & USBCMD_RS != 0 && self.usbsts & USBSTS_HCH == 0
     }
 
+    /// Whether the controller may touch guest memory at all: running, with
+    /// Bus Master Enable on. Every path that reads or writes guest memory
+    /// (rings, contexts, events, data) is behind this.
+    fn dma_allowed(&self) -> bool {
+        self.running() && self.bus_master
+    }
+
+    /// Whether the current access's work budget has room left.
+    fn budget_left(&self) -> bool {
+        self.ram.ops().wrapping_sub(self.ops_at_start) + self.work < limits::WORK_PER_ACCESS
+    }
+
+    fn refill_budget(&mut self) {
+        self.ops_at_start = self.ram.ops();
+        self.work = 0;
+    }
+
+    /// Queues a ring for fetching (once).
+    fn mark_pending(&mut self, key: RingKey) {
+        if self.pending_set.insert(key) {
+            self.pending.push_back(key);
+        }
+    }
+
+    /// The guest halted the controller, turned Bus Master off, or a Host
+    /// System Error halted it: no guest memory may be touched from now on.
+    /// Every TD handed to a device is cancelled (a device may not write
+    /// guest memory for it afterwards; passthrough discards its URBs
+    /// before `cancel` returns) and its ring rewound to it; the rings stay
+    /// queued, so they run again once the controller runs with Bus Master
+    /// on.
+    fn quiesce(&mut self) {
+        for s in 1..=MAX_SLOTS {
+            if !self.slots[s].enabled {
+                continue;
+            }
+            for dci in 1..32 {
+                if self.slots[s].eps[dci].inflight.is_empty() {
+                    continue;
+                }
+                let mut streams: Vec<u16> = Vec::new();
+                for td in &self.slots[s].eps[dci].inflight {
+                    if !streams.contains(&td.stream) {
+                        streams.push(td.stream);
+                    }
+                }
+                self.cancel_endpoint(s, dci, false);
+                for st in streams {
+                    self.mark_pending((s, dci, st));
+                }
+            }
+        }
+    }
+
     /// HCRST: everything but attached devices back to power-on state.
     fn hc_reset(&mut self) {
         for s in 1..=MAX_SLOTS {
@@ -292,6 +379,10 @@ impl Xhci {
             self.slots[s] = Slot::new();
         }
         self.inflight.clear();
+        self.pending.clear();
+        self.pending_set.clear();
+        self.dirty.clear();
+        self.cmd_pending = false;
         self.usbcmd = 0;
         self.usbsts = USBSTS_HCH;
         self.dnctrl = 0;
@@ -320,10 +411,17 @@ impl Xhci {
         self.usbsts |= USBSTS_HSE | USBSTS_HCH;
         self.usbcmd &= !USBCMD_RS;
         self.cmd_running = false;
+        self.cmd_pending = false;
+        self.quiesce();
     }
 
     /// Posts an event on interrupter `intr`.
     fn event(&mut self, intr: usize, trb: Trb, block_interrupt: bool) {
+        if !self.dma_allowed() {
+            // A halted controller (or one without Bus Master) posts
+            // nothing; port changes stay visible in PORTSC.
+            return;
+        }
         let intr = if intr < MAX_INTRS { intr } else { 0 };
         match self.intrs[intr].write_event(&self.ram, trb) {
             Ok(()) => {
@@ -530,6 +628,8 @@ impl Xhci {
         } else if old & USBCMD_RS != 0 && val & USBCMD_RS == 0 {
             self.usbsts |= USBSTS_HCH;
             self.cmd_running = false;
+            self.cmd_pending = false;
+            self.quiesce();
         }
     }
 
@@ -600,13 +700,13 @@ impl Xhci {
     }
 
     fn write_doorbell(&mut self, index: usize, val: u32) {
-        if !self.running() || !self.bus_master {
+        if !self.dma_allowed() {
             return;
         }
         if index == 0 {
             if val & 0xff == 0 {
                 self.cmd_running = true;
-                self.process_commands();
+                self.cmd_pending = true;
             }
             return;
         }
@@ -615,8 +715,12 @@ impl Xhci {
             guest_warn!(target: "xhci", "doorbell {index} target {target} out of range");
             return;
         }
-        let stream = (val >> 16) as u16;
-        let ep = &self.slots[index].eps[target];
+        if !self.slots[index].enabled {
+            guest_warn!(target: "xhci::transfer", "doorbell for disabled slot {index}");
+            return;
+        }
+        let mut stream = (val >> 16) as u16;
+        let ep = &mut self.slots[index].eps[target];
         if ep.has_streams() {
             // Stream 0 is reserved; IDs past the array, or whose context is
             // not a transfer ring, select nothing (§4.12.2).
@@ -626,10 +730,36 @@ impl Xhci {
             }
         } else if stream != 0 {
             guest_warn!(target: "xhci", "doorbell {index} target {target}: stream ID {stream} on an endpoint without streams ignored");
-            self.kick_endpoint(index, target, 0);
-            return;
+            stream = 0;
         }
-        self.kick_endpoint(index, target, stream);
+        // A doorbell (only a doorbell) restarts a stopped endpoint.
+        match ep.state {
+            EpState::Running => {}
+            EpState::Stopped => ep.state = EpState::Running,
+            _ => return,
+        }
+        self.mark_pending((index, target, stream));
+    }
+
+    /// Does what guest actions asked for, within the work budget: reports
+    /// completions, runs the command ring, fetches TDs from the pending
+    /// rings in turn. Work the budget leaves is done by later calls
+    /// (`next_deadline` asks the transport for one at once). Nothing here
+    /// calls back into itself: fetching, completing and cancelling only
+    /// queue work for this loop.
+    fn run_work(&mut self) {
+        self.apply_completions();
+        if self.cmd_pending {
+            self.process_commands();
+        }
+        while self.dma_allowed() && self.budget_left() {
+            let Some(key) = self.pending.pop_front() else {
+                break;
+            };
+            self.pending_set.remove(&key);
+            self.fetch_tds(key);
+            self.apply_completions();
+        }
     }
 
     fn read32(&self, off: u64) -> u32 {
@@ -657,54 +787,37 @@ impl Xhci {
         }
     }
 
-    /// Applies every completion devices have posted, in order per endpoint,
-    /// then resumes fetching on endpoints that were at the in-flight cap.
-    /// Bounded: each round either fetches new TDs or ends the loop.
-    fn process_completions(&mut self) {
-        for _ in 0..limits::TRBS_PER_KICK {
-            for r in self.queue.drain() {
-                let Some(&(s, e)) = self.inflight.get(&r.id) else {
-                    continue; // cancelled meanwhile
-                };
-                if let Some(t) = self.slots[s].eps[e]
-                    .inflight
-                    .iter_mut()
-                    .find(|t| t.id == r.id)
-                {
-                    t.result = Some(r);
-                }
-                self.retire(s, e);
+    /// Records the results devices posted on their TDs, without reporting
+    /// them (no guest memory touched): the endpoints are listed in `dirty`
+    /// for [`Xhci::apply_completions`].
+    fn collect_results(&mut self) {
+        for r in self.queue.drain() {
+            let Some(&(s, e)) = self.inflight.get(&r.id) else {
+                continue; // cancelled meanwhile
+            };
+            let ep = &mut self.slots[s].eps[e];
+            if let Some(t) = ep.inflight.iter_mut().find(|t| t.id == r.id) {
+                t.result = Some(r);
             }
-            let mut resumed = false;
-            for s in 1..=MAX_SLOTS {
-                if !self.slots[s].enabled {
-                    continue;
-                }
-                for dci in 1..32 {
-                    let ep = &self.slots[s].eps[dci];
-                    // Only a doorbell restarts a stopped endpoint.
-                    if ep.state != EpState::Running || ep.inflight.len() >= limits::TDS_IN_FLIGHT {
-                        continue;
-                    }
-                    if ep.starved {
-                        self.slots[s].eps[dci].starved = false;
-                        self.fetch_tds(s, dci, 0);
-                        resumed = true;
-                    }
-                    let n = self.slots[s].eps[dci].streams.len();
-                    for sid in 1..n {
-                        let st = &self.slots[s].eps[dci].streams[sid];
-                        if st.starved {
-                            self.slots[s].eps[dci].streams[sid].starved = false;
-                            self.fetch_tds(s, dci, sid as u16);
-                            resumed = true;
-                        }
-                    }
-                }
+            if !ep.dirty {
+                ep.dirty = true;
+                self.dirty.push((s, e));
             }
-            if !resumed && self.queue.is_empty() {
-                return;
-            }
+        }
+    }
+
+    /// Reports what devices finished, in ring order per endpoint (and
+    /// stream); an endpoint whose TD failed halts; endpoints that were at
+    /// the in-flight cap are queued for fetching again.
+    fn apply_completions(&mut self) {
+        if !self.dma_allowed() {
+            // Results stay queued until the controller runs again.
+            return;
+        }
+        self.collect_results();
+        while let Some((s, e)) = self.dirty.pop() {
+            self.slots[s].eps[e].dirty = false;
+            self.retire(s, e);
         }
     }
 }
@@ -784,8 +897,12 @@ impl PciController for Xhci {
                 guest_warn!(target: "xhci", "unsupported {}-byte write at {offset:#x} ignored", data.len())
             }
         }
-        self.process_completions();
+        self.run_work();
         self.flush_interrupts(irq);
+    }
+
+    fn new_access(&mut self) {
+        self.refill_budget();
     }
 
     fn reset(&mut self, irq: &mut dyn IrqSink) {
@@ -794,16 +911,25 @@ impl PciController for Xhci {
     }
 
     fn process(&mut self, irq: &mut dyn IrqSink) {
-        self.process_completions();
+        self.refill_budget();
+        self.run_work();
         self.poll_connections();
         self.flush_interrupts(irq);
     }
 
     fn set_bus_master(&mut self, enabled: bool) {
+        let was = self.bus_master;
         self.bus_master = enabled;
+        if was && !enabled {
+            self.quiesce();
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        let unfinished = self.dma_allowed() && (self.cmd_pending || !self.pending.is_empty());
+        if unfinished {
+            return Some(Instant::now());
+        }
         self.intrs.iter().filter_map(|i| i.deadline()).min()
     }
 

@@ -136,7 +136,5 @@ impl Xhci {
         if warm {
             p.portsc |= PORTSC_WRC;
         }
-        // Results of the reset's cancellations are stale.
-        self.process_completions();
     }
 }

@@ -30,33 +30,23 @@ enum Fetch {
 }
 
 impl Xhci {
-    pub(super) fn kick_endpoint(&mut self, s: usize, dci: usize, stream: u16) {
-        self.fetch_tds(s, dci, stream);
-        self.process_completions();
-    }
-
-    /// Turns the TDs on the ring into transfers until the ring is empty,
-    /// the endpoint stops running, or [`limits::TDS_IN_FLIGHT`] are in
-    /// flight (then `starved` is set: completions resume the fetch).
-    /// `stream` selects the ring of an endpoint with streams (0 otherwise).
-    pub(super) fn fetch_tds(&mut self, s: usize, dci: usize, stream: u16) {
+    /// Turns the TDs on a ring into transfers until the ring is empty, the
+    /// endpoint stops running, [`limits::TDS_IN_FLIGHT`] are in flight
+    /// (then `starved` is set: completions queue the ring again), or the
+    /// work budget is spent (the ring is queued again, behind the others).
+    /// Only [`Xhci::run_work`] calls this.
+    pub(super) fn fetch_tds(&mut self, (s, dci, stream): super::RingKey) {
         if !(1..=super::regs::MAX_SLOTS).contains(&s) || !self.slots[s].enabled {
-            guest_warn!(target: "xhci::transfer", "doorbell for disabled slot {s}");
             return;
         }
-        {
-            let ep = &mut self.slots[s].eps[dci];
-            match ep.state {
-                EpState::Running => {}
-                EpState::Stopped => ep.state = EpState::Running,
-                _ => return,
-            }
-        }
-        let mut budget = limits::TRBS_PER_KICK;
-        while self.slots[s].eps[dci].state == EpState::Running
+        while self.dma_allowed()
+            && self.slots[s].eps[dci].state == EpState::Running
             && self.slots[s].eps[dci].inflight.len() < limits::TDS_IN_FLIGHT
-            && budget > 0
         {
+            if !self.budget_left() {
+                self.mark_pending((s, dci, stream));
+                return;
+            }
             let Some(pos) = self.slots[s].eps[dci].ring_of(stream) else {
                 return;
             };
@@ -76,10 +66,7 @@ impl Xhci {
                     self.reject_td(s, dci, stream, addr, code, None);
                     return;
                 }
-                Fetch::Td(trbs, after) => {
-                    budget = budget.saturating_sub(trbs.len());
-                    self.submit_td(s, dci, stream, trbs, pos, after);
-                }
+                Fetch::Td(trbs, after) => self.submit_td(s, dci, stream, trbs, pos, after),
             }
         }
         let ep = &mut self.slots[s].eps[dci];
@@ -356,7 +343,14 @@ impl Xhci {
         resume: Option<RingPos>,
     ) {
         guest_warn!(target: "xhci::transfer", "slot {s} ep {dci}: TD at {addr:#x} rejected (completion code {code})");
-        self.process_completions();
+        // TDs before it that the device already finished report first.
+        self.collect_results();
+        if self.report_ready(s, dci) {
+            // One of them failed: the endpoint halts there, and this TD
+            // is fetched again after the guest's recovery.
+            self.halt_endpoint(s, dci);
+            return;
+        }
         let intr = self.slots[s].intr;
         self.transfer_event(s, dci, intr, addr, code, 0, false, false);
         if let Some(after) = resume {
@@ -365,26 +359,65 @@ impl Xhci {
         self.halt_endpoint(s, dci);
     }
 
+    /// Reports finished TDs, halts the endpoint if one of them failed, and
+    /// queues the ring(s) again where fetching stopped at the in-flight
+    /// cap and there is room now. While the controller may not touch guest
+    /// memory the results wait (the endpoint stays listed as dirty).
+    pub(super) fn retire(&mut self, s: usize, dci: usize) {
+        if !self.dma_allowed() {
+            let ep = &mut self.slots[s].eps[dci];
+            if !ep.dirty {
+                ep.dirty = true;
+                self.dirty.push((s, dci));
+            }
+            return;
+        }
+        if self.report_ready(s, dci) {
+            self.halt_endpoint(s, dci);
+        }
+        let ep = &mut self.slots[s].eps[dci];
+        if ep.state != EpState::Running || ep.inflight.len() >= limits::TDS_IN_FLIGHT {
+            return;
+        }
+        let mut resume = Vec::new();
+        if ep.starved {
+            ep.starved = false;
+            resume.push(0);
+        }
+        for (sid, st) in ep.streams.iter_mut().enumerate().skip(1) {
+            if st.starved {
+                st.starved = false;
+                resume.push(sid as u16);
+            }
+        }
+        for stream in resume {
+            self.mark_pending((s, dci, stream));
+        }
+    }
+
     /// Reports finished TDs from the head of the endpoint's queue: in ring
     /// order per stream (streams do not wait for each other; on an endpoint
-    /// without streams everything is stream 0).
-    pub(super) fn retire(&mut self, s: usize, dci: usize) {
+    /// without streams everything is stream 0). Stops at the first TD that
+    /// failed and returns `true` (the caller halts the endpoint); nothing
+    /// later is reported.
+    fn report_ready(&mut self, s: usize, dci: usize) -> bool {
+        if !self.dma_allowed() {
+            return false;
+        }
         loop {
             let ep = &mut self.slots[s].eps[dci];
             let Some(i) = first_reportable(&ep.inflight) else {
-                return;
+                return false;
             };
             let Some(td) = ep.inflight.remove(i) else {
-                return;
+                return false;
             };
             self.inflight.remove(&td.id);
             let Some(res) = td.result.as_ref() else {
-                return;
+                return false;
             };
-            let failed = self.report(s, dci, &td, res);
-            if failed {
-                self.halt_endpoint(s, dci);
-                return;
+            if self.report(s, dci, &td, res) {
+                return true;
             }
         }
     }
@@ -502,19 +535,27 @@ impl Xhci {
         );
     }
 
-    /// Cancels every TD in flight on an endpoint. TDs the device finished
-    /// meanwhile are reported normally first; the rest are forgotten and
-    /// each ring (each stream's) is rewound to the first of them. Returns
-    /// the oldest, if any.
-    fn cancel_endpoint(&mut self, s: usize, dci: usize) -> Option<InFlight> {
+    /// Cancels every TD in flight on an endpoint; each ring (each
+    /// stream's) is rewound to the first of them. With `report`, TDs the
+    /// device finished meanwhile are reported first, in order; returns the
+    /// oldest TD cancelled, and whether a reported one failed (the caller
+    /// halts the endpoint). Never fetches: no path back into TD fetching.
+    pub(super) fn cancel_endpoint(
+        &mut self,
+        s: usize,
+        dci: usize,
+        report: bool,
+    ) -> (Option<InFlight>, bool) {
         for td in &self.slots[s].eps[dci].inflight {
             if let Some(h) = &td.handle {
                 h.cancel();
             }
         }
-        // Completions that won the race are reported in order.
-        self.process_completions();
+        // Completions that won the race.
+        self.collect_results();
+        let failed = report && self.report_ready(s, dci);
         let rest: Vec<InFlight> = self.slots[s].eps[dci].inflight.drain(..).collect();
+        self.work += rest.len() as u64;
         let port = self.slots[s].port;
         for td in &rest {
             self.inflight.remove(&td.id);
@@ -534,19 +575,28 @@ impl Xhci {
                 ep.set_ring(td.stream, td.start);
             }
         }
-        rest.into_iter().next()
+        (rest.into_iter().next(), failed)
     }
 
+    /// The endpoint halts (a TD failed or could not be executed): TDs in
+    /// flight behind it are cancelled unreported.
     fn halt_endpoint(&mut self, s: usize, dci: usize) {
-        self.cancel_endpoint(s, dci);
+        self.cancel_endpoint(s, dci, false);
         self.slots[s].eps[dci].state = EpState::Halted;
         self.write_out_ep(s, dci);
     }
 
     /// Stop Endpoint: in-flight TDs are cancelled; the one being executed
     /// reports Stopped and will run again from its start after a doorbell.
+    /// If a TD the device finished meanwhile failed, the endpoint halts
+    /// instead.
     pub(super) fn stop_endpoint(&mut self, s: usize, dci: usize) {
-        if let Some(td) = self.cancel_endpoint(s, dci) {
+        let (oldest, failed) = self.cancel_endpoint(s, dci, true);
+        if failed {
+            self.slots[s].eps[dci].state = EpState::Halted;
+            return;
+        }
+        if let Some(td) = oldest {
             if let Some(&(addr, trb)) = td.trbs.first() {
                 let intr = self.slots[s].intr;
                 let len = trb.transfer_len();
@@ -558,14 +608,13 @@ impl Xhci {
                 self.transfer_event(s, dci, intr, addr, code, len, false, false);
             }
         }
-        // The ring may have been halted by a TD completing meanwhile.
         if self.slots[s].eps[dci].state == EpState::Running {
             self.slots[s].eps[dci].state = EpState::Stopped;
         }
     }
 
     pub(super) fn disable_endpoint(&mut self, s: usize, dci: usize) {
-        self.cancel_endpoint(s, dci);
+        self.cancel_endpoint(s, dci, false);
         if self.slots[s].eps[dci].has_streams() {
             let port = self.slots[s].port;
             if let Some(d) = self
@@ -595,7 +644,7 @@ impl Xhci {
     pub(super) fn drop_slot_transfers(&mut self, s: usize) {
         for dci in 1..32 {
             if !self.slots[s].eps[dci].inflight.is_empty() {
-                self.cancel_endpoint(s, dci);
+                self.cancel_endpoint(s, dci, false);
             }
         }
     }
@@ -618,7 +667,7 @@ impl Xhci {
                 }
             }
             if any {
-                self.process_completions();
+                self.collect_results();
                 self.retire(s, dci);
             }
         }
