@@ -80,6 +80,8 @@ pub struct FakeDevice {
     /// until cancel or reset — to test Stop Endpoint.
     parked: VecDeque<Transfer>,
     pub park_in: bool,
+    /// Park control transfers too (a device that never answers).
+    pub park_control: bool,
     /// Park transfers of this stream (any direction) instead.
     pub park_stream: Option<u16>,
     /// What [`UsbDevice::connected`] answers (a host device unplugged and
@@ -97,6 +99,7 @@ impl FakeDevice {
                 worker: None,
                 parked: VecDeque::new(),
                 park_in: false,
+                park_control: false,
                 park_stream: None,
                 present: Arc::new(AtomicBool::new(true)),
             },
@@ -187,6 +190,10 @@ impl UsbDevice for FakeDevice {
         self.state.lock().unwrap().outstanding += 1;
         if let TransferKind::Control(sp) = xfer.kind() {
             self.state.lock().unwrap().requests.push(sp.request);
+            if self.park_control {
+                self.parked.push_back(xfer);
+                return;
+            }
             self.state.lock().unwrap().outstanding -= 1;
             let reply: Option<Vec<u8>> = match (sp.request_type, sp.request, sp.value >> 8) {
                 (0x80, 6, 1) => Some(device_descriptor(self.speed)),
