@@ -566,6 +566,9 @@ impl<C: PciController> Server<C> {
         }
         let max = if region == REGION_CONFIG { 4 } else { 8 };
         let mut pos = 0usize;
+        // One message is one guest access: the controller's work budget is
+        // not renewed for each register it carries.
+        self.pci.begin_access();
         while pos < data.len() {
             let off = offset + pos as u64;
             let mut n = max.min(data.len() - pos);
@@ -585,6 +588,7 @@ impl<C: PciController> Server<C> {
             }
             pos += n;
         }
+        self.pci.end_access();
         Ok(())
     }
 

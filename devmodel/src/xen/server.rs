@@ -501,6 +501,9 @@ impl<C: PciController> XenServer<C> {
         }
         let size = r.size as usize;
         let mut result = r.data;
+        // A rep ioreq is one guest access: the controller's work budget is
+        // not renewed for each item.
+        self.pci.begin_access();
         for i in 0..count {
             let a = r.item(r.addr, i);
             let target = self.bar_at(kind, a, r.size);
@@ -539,6 +542,7 @@ impl<C: PciController> XenServer<C> {
                 guest_warn!("xen: {kind:?} access at {a:#x} outside our BARs");
             }
         }
+        self.pci.end_access();
         result
     }
 

@@ -574,11 +574,24 @@ impl<C: PciController> PciFunction<C> {
     /// ioreq), so batching accesses cannot multiply the work one guest
     /// access may cause.
     pub fn one_access<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
-        self.controller.new_access();
-        let outer = std::mem::replace(&mut self.in_access, true);
+        let outer = self.in_access;
+        self.begin_access();
         let r = f(self);
         self.in_access = outer;
         r
+    }
+
+    /// Starts one guest access made of several register accesses, until
+    /// [`PciFunction::end_access`] (what [`PciFunction::one_access`] does,
+    /// for callers that cannot lend themselves to a closure).
+    pub fn begin_access(&mut self) {
+        self.controller.new_access();
+        self.in_access = true;
+    }
+
+    /// Ends the access [`PciFunction::begin_access`] started.
+    pub fn end_access(&mut self) {
+        self.in_access = false;
     }
 
     fn new_access(&mut self) {
