@@ -67,8 +67,9 @@ fn trb(t: u32, parameter: u64, status: u32, flags: u32) -> Trb {
 }
 
 /// Turns the bulk OUT ring of `slot` into an endless producer: well-formed
-/// No Op TDs (no interrupt) and a Link TRB back to the start without
-/// Toggle Cycle, so the cycle bit always matches. Returns the ring base.
+/// zero-length Normal TDs (no interrupt; the device completes each at
+/// once) and a Link TRB back to the start without Toggle Cycle, so the
+/// cycle bit always matches. Returns the ring base.
 fn endless_ring(d: &mut Driver, slot: usize) -> u64 {
     assert_eq!(
         d.configure(slot, &[(BULK_OUT, ep_type::BULK_OUT, 512, 0)]),
@@ -76,7 +77,7 @@ fn endless_ring(d: &mut Driver, slot: usize) -> u64 {
     );
     let base = d.slots[&slot].rings[&BULK_OUT].base;
     for i in 0..15u64 {
-        write_trb(d, base + 16 * i, trb(ty::NOOP, 0, 0, 0));
+        write_trb(d, base + 16 * i, trb(ty::NORMAL, 0, 0, 0));
     }
     write_trb(d, base + 16 * 15, trb(ty::LINK, base, 0, 0));
     base
