@@ -52,6 +52,7 @@ use hcd_emul::usb::{
     TransferStatus, UsbDevice, Wakeup,
 };
 use hcd_emul::HostRange;
+use hcd_emul::{guest_info, guest_warn};
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -463,7 +464,9 @@ fn claim_interfaces(fd: &Usbfs, descs: &HostDescriptors, config: u8, port: &str)
                 }
                 claimed.push(ifno);
             }
-            Err(e) => warn!(target: "passthrough", "{port}: cannot claim interface {ifno}: {e}"),
+            Err(e) => {
+                guest_warn!(target: "passthrough", "{port}: cannot claim interface {ifno}: {e}")
+            }
         }
     }
     claimed
@@ -647,10 +650,10 @@ impl Inner {
                     match self.urbs.remove(&token) {
                         Some(u) if u.block.ptr() == p => self.urb_done(&u),
                         Some(u) => {
-                            warn!(target: "passthrough", "reaped URB does not match its token");
+                            guest_warn!(target: "passthrough", "reaped URB does not match its token");
                             self.urbs.insert(token, u);
                         }
-                        None => warn!(target: "passthrough", "reaped an unknown URB"),
+                        None => guest_warn!(target: "passthrough", "reaped an unknown URB"),
                     }
                 }
                 Ok(None) => return false,
@@ -658,7 +661,7 @@ impl Inner {
                     return true
                 }
                 Err(e) => {
-                    warn!(target: "passthrough", "reap: {e}");
+                    guest_warn!(target: "passthrough", "reap: {e}");
                     return false;
                 }
             }
@@ -822,7 +825,7 @@ impl Inner {
                             // usbfs memory budget: retry on a completion.
                             break 'transfers;
                         }
-                        warn!(target: "passthrough", "endpoint {ep:#04x}: URB refused: {e}");
+                        guest_warn!(target: "passthrough", "endpoint {ep:#04x}: URB refused: {e}");
                         if let Some(p) = self.eps.get_mut(&ep).and_then(|q| q.get_mut(i)) {
                             p.result = Some(if code == libc::EPIPE {
                                 TransferStatus::Stall
@@ -988,7 +991,7 @@ impl Inner {
                 break;
             }
             if Instant::now() > deadline {
-                warn!(target: "passthrough", "discarded URBs did not come back in {DISCARD_WAIT:?}");
+                guest_warn!(target: "passthrough", "discarded URBs did not come back in {DISCARD_WAIT:?}");
                 break;
             }
             let _ = usbfs::poll(&[(fd.raw_fd(), libc::POLLOUT)], 5);
@@ -1012,7 +1015,7 @@ impl Inner {
     /// The device went away: every transfer fails, the node is closed.
     fn gone(&mut self) {
         if let Some(open) = self.open.take() {
-            info!(target: "passthrough", "{}: device gone", open.info.port);
+            guest_info!(target: "passthrough", "{}: device gone", open.info.port);
         }
         // The node is closed (or no longer reaped): URB memory is ours.
         self.urbs.clear();
@@ -1214,7 +1217,7 @@ impl UsbDevice for HostDevice {
             match open.fd.reset() {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENODEV) => gone = true,
-                Err(e) => warn!(target: "passthrough", "{}: reset: {e}", open.info.port),
+                Err(e) => guest_warn!(target: "passthrough", "{}: reset: {e}", open.info.port),
             }
             if !gone {
                 open.claimed =
@@ -1288,13 +1291,13 @@ impl UsbDevice for HostDevice {
             Ok(n) => {
                 if n < u32::from(streams) {
                     // The guest may use IDs past `n`: those URBs fail.
-                    info!(target: "passthrough", "endpoint {endpoint:#04x}: host granted {n} of {streams} streams");
+                    guest_info!(target: "passthrough", "endpoint {endpoint:#04x}: host granted {n} of {streams} streams");
                 }
                 g.streams.insert(endpoint, n);
                 true
             }
             Err(e) => {
-                warn!(target: "passthrough", "endpoint {endpoint:#04x}: cannot allocate {streams} streams: {e}");
+                guest_warn!(target: "passthrough", "endpoint {endpoint:#04x}: cannot allocate {streams} streams: {e}");
                 false
             }
         }

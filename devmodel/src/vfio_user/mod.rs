@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use hcd_emul::pci::{ExternalMsi, PciController, PciFunction};
 use hcd_emul::GuestRam;
-use tracing::{debug, error, info, warn};
+use hcd_emul::{guest_error, guest_info, guest_warn};
+use tracing::debug;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::evloop::{EventLoop, Wake};
@@ -215,25 +216,25 @@ impl<C: PciController> Server<C> {
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if self.client.is_some() {
-                        error!(
+                        guest_error!(
                             "vfio-user: refusing a second client on {}: one client per device",
                             self.path.display()
                         );
                         drop(s);
                         continue;
                     }
-                    info!("vfio-user: client connected on {}", self.path.display());
+                    guest_info!("vfio-user: client connected on {}", self.path.display());
                     if s.set_nonblocking(false).is_err()
                         || self.lp.add(s.as_raw_fd(), TOKEN_CLIENT).is_err()
                     {
-                        error!("vfio-user: cannot watch the client socket");
+                        guest_error!("vfio-user: cannot watch the client socket");
                         continue;
                     }
                     self.client = Some(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn!("vfio-user: accept failed: {e}");
+                    guest_warn!("vfio-user: accept failed: {e}");
                     return;
                 }
             }
@@ -244,11 +245,11 @@ impl<C: PciController> Server<C> {
     /// see the device, so reset it, drop its memory and interrupts.
     fn disconnect(&mut self, why: &ConnError) {
         match why {
-            ConnError::Closed => info!("vfio-user: client disconnected"),
-            e => error!("vfio-user: dropping client: {e}"),
+            ConnError::Closed => guest_info!("vfio-user: client disconnected"),
+            e => guest_error!("vfio-user: dropping client: {e}"),
         }
         let signalled = self.irqs.lock().map(|i| i.signalled).unwrap_or(0);
-        info!(
+        guest_info!(
             "vfio-user: session stats: messages={} region_accesses={} interrupts={} {}",
             self.messages,
             self.region_accesses,
@@ -323,7 +324,7 @@ impl<C: PciController> Server<C> {
         let reply = self.dispatch(&h, &body, files);
         if h.flags & FLAG_NO_REPLY != 0 {
             if let Err(e) = reply {
-                warn!(
+                guest_warn!(
                     "vfio-user: command {} (no reply wanted) failed: errno {e}",
                     h.command
                 );
@@ -350,7 +351,7 @@ impl<C: PciController> Server<C> {
                 let major = r.u16()?;
                 let minor = r.u16()?;
                 let caps = String::from_utf8_lossy(r.rest());
-                info!(
+                guest_info!(
                     "vfio-user: client version {major}.{minor} {}",
                     caps.trim_end_matches('\0')
                 );
@@ -377,7 +378,7 @@ impl<C: PciController> Server<C> {
                 if f.is_none() {
                     // ROM shadows come without descriptors; RAM must not.
                     if size >= 1 << 20 {
-                        warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
+                        guest_warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
                     } else {
                         debug!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor (not accessible)");
                     }
@@ -389,7 +390,7 @@ impl<C: PciController> Server<C> {
                         Ok(Vec::new())
                     }
                     Err(e) => {
-                        warn!("vfio-user: {e}");
+                        guest_warn!("vfio-user: {e}");
                         Err(libc::EINVAL as u32)
                     }
                 }
@@ -411,7 +412,7 @@ impl<C: PciController> Server<C> {
                         Ok(p)
                     }
                     Err(e) => {
-                        warn!("vfio-user: {e}");
+                        guest_warn!("vfio-user: {e}");
                         Err(libc::EINVAL as u32)
                     }
                 }
@@ -509,12 +510,12 @@ impl<C: PciController> Server<C> {
                 Ok(p)
             }
             CMD_DEVICE_RESET => {
-                info!("vfio-user: device reset");
+                guest_info!("vfio-user: device reset");
                 self.pci.reset();
                 Ok(Vec::new())
             }
             other => {
-                warn!("vfio-user: unsupported command {other}");
+                guest_warn!("vfio-user: unsupported command {other}");
                 Err(libc::ENOTSUP as u32)
             }
         }
