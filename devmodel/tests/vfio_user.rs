@@ -325,3 +325,51 @@ fn second_client_is_refused_first_keeps_working() {
     assert!(closed(&mut b), "second client refused");
     assert_eq!(r32(&mut a, 7, 0), 0x000d_1b36);
 }
+
+fn set_irqs_msg(id: u16, flags: u32, index: u32, start: u32, count: u32) -> Vec<u8> {
+    let mut m = header(id, 8, 16 + 20, 0);
+    m.extend_from_slice(&20u32.to_le_bytes());
+    m.extend_from_slice(&flags.to_le_bytes());
+    m.extend_from_slice(&index.to_le_bytes());
+    m.extend_from_slice(&start.to_le_bytes());
+    m.extend_from_slice(&count.to_le_bytes());
+    m
+}
+
+/// SET_IRQS with TRIGGER|DATA_NONE used to signal `count` vectors, a u32
+/// from the client: u32::MAX kept the server busy for half an hour.
+#[test]
+fn set_irqs_count_unbounded_is_refused_quickly() {
+    let srv = start();
+    let mut s = raw(&srv.sock);
+    const TRIGGER_NONE: u32 = (1 << 5) | 1;
+    let t0 = std::time::Instant::now();
+    for (i, (index, start, count)) in [
+        (2u32, 0u32, u32::MAX),
+        (2, 1, u32::MAX),
+        (2, u32::MAX, 2),
+        (2, 0, 5), // one more than the 4 MSI-X vectors
+        (0, 0, 2), // INTx has one vector
+        (3, 0, 1), // ERR/REQ: none
+        (9, 0, 0), // no such index
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        s.write_all(&set_irqs_msg(i as u16, TRIGGER_NONE, index, start, count))
+            .unwrap();
+        let (id, flags, err, _) = read_reply(&mut s);
+        assert_eq!(
+            (id, flags & 0x20, err),
+            (i as u16, 0x20, libc::EINVAL as u32),
+            "index {index} start {start} count {count}"
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // In range: accepted (all 4 vectors, and count 0 disabling the index).
+    for (i, count) in [(20u16, 4u32), (21, 0)] {
+        s.write_all(&set_irqs_msg(i, TRIGGER_NONE, 2, 0, count))
+            .unwrap();
+        assert_eq!(read_reply(&mut s).2, 0, "count {count}");
+    }
+}

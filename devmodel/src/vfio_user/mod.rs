@@ -443,24 +443,11 @@ impl<C: PciController> Server<C> {
                 let _argsz = r.u32()?;
                 let _flags = r.u32()?;
                 let index = r.u32()?;
-                let (flags, count) = match index {
-                    IRQ_INTX => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
-                        1u32,
-                    ),
-                    IRQ_MSI => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
-                        u32::from(self.pci.controller().msi_vectors()),
-                    ),
-                    IRQ_MSIX => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
-                        self.pci
-                            .controller()
-                            .msix()
-                            .map_or(0, |m| u32::from(m.vectors)),
-                    ),
-                    IRQ_ERR | IRQ_REQ => (0, 0),
-                    _ => return Err(libc::EINVAL as u32),
+                let count = self.irq_count(index).ok_or(libc::EINVAL as u32)?;
+                let flags = match index {
+                    IRQ_INTX => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+                    IRQ_MSI | IRQ_MSIX => IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+                    _ => 0,
                 };
                 let mut p = Vec::new();
                 p.extend_from_slice(&16u32.to_le_bytes());
@@ -518,6 +505,22 @@ impl<C: PciController> Server<C> {
                 guest_warn!("vfio-user: unsupported command {other}");
                 Err(libc::ENOTSUP as u32)
             }
+        }
+    }
+
+    /// Vectors of interrupt index `index` (what `GET_IRQ_INFO` reports).
+    fn irq_count(&self, index: u32) -> Option<u32> {
+        match index {
+            IRQ_INTX => Some(1),
+            IRQ_MSI => Some(u32::from(self.pci.controller().msi_vectors())),
+            IRQ_MSIX => Some(
+                self.pci
+                    .controller()
+                    .msix()
+                    .map_or(0, |m| u32::from(m.vectors)),
+            ),
+            IRQ_ERR | IRQ_REQ => Some(0),
+            _ => None,
         }
     }
 
@@ -599,7 +602,17 @@ impl<C: PciController> Server<C> {
     ) -> Result<(), u32> {
         let action = flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER);
         let data = flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD);
-        if action.count_ones() != 1 || data.count_ones() != 1 || index > IRQ_REQ {
+        if action.count_ones() != 1 || data.count_ones() != 1 {
+            return Err(libc::EINVAL as u32);
+        }
+        // As the kernel's vfio_set_irqs_validate_and_prepare: the range
+        // must lie within the index's vectors (no overflow, start inside
+        // even for count 0), so no request makes us loop for long.
+        let vectors = self.irq_count(index).ok_or(libc::EINVAL as u32)?;
+        if flags & !(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK_ALL) != 0
+            || start >= vectors
+            || start.checked_add(count).is_none_or(|end| end > vectors)
+        {
             return Err(libc::EINVAL as u32);
         }
         debug!("vfio-user: SET_IRQS request index {index} start {start} count {count} flags {flags:#x} fds {}", fds.len());
@@ -619,7 +632,8 @@ impl<C: PciController> Server<C> {
             }
             (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) if count == 0 => irqs.clear(index),
             (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) => {
-                for v in start..start.saturating_add(count) {
+                // Bounded by the index's vectors (checked above).
+                for v in start..start + count {
                     irqs.signal(index, v);
                 }
             }
