@@ -373,3 +373,89 @@ fn set_irqs_count_unbounded_is_refused_quickly() {
         assert_eq!(read_reply(&mut s).2, 0, "count {count}");
     }
 }
+
+/// DMA_MAP of more than the file holds used to be accepted (a later access
+/// past the end: SIGBUS, the process gone); a client shrinking its file
+/// under a mapping did the same.
+#[test]
+fn dma_map_beyond_the_file_and_shrunk_file_do_not_kill_the_server() {
+    use std::os::unix::fs::FileExt;
+    let s = start();
+    {
+        let small = tempfile::tempfile().unwrap();
+        small.set_len(4096).unwrap();
+        let mut r = raw(&s.sock);
+        let (_, flags, err, _) = dma_map_raw(&mut r, 1, 0, 1 << 20, &small);
+        assert_eq!(
+            (flags & 0x20, err),
+            (0x20, libc::EINVAL as u32),
+            "1 MiB over a 4 KiB file"
+        );
+        let (_, _, err, _) = dma_map_raw(&mut r, 2, 0, 4096, &small);
+        assert_eq!(err, 0, "what the file holds");
+    }
+    let mut c = client(&s.sock);
+    let ram = tempfile::tempfile().unwrap();
+    ram.set_len(1 << 20).unwrap();
+    c.dma_map(0, 0, 1 << 20, ram.as_raw_fd()).unwrap();
+    w32(&mut c, 7, 4, 6);
+    let op = CAP_LENGTH;
+    w32(&mut c, 0, op + OP_USBCMD, USBCMD_HCRST);
+    w32(&mut c, 0, op + OP_CONFIG, 8);
+    w32(&mut c, 0, op + OP_DCBAAP, 0x1000);
+    let noop = Trb {
+        parameter: 0,
+        status: 0,
+        control: (ty::NOOP_COMMAND << 10) | 1,
+    }
+    .to_bytes();
+    ram.write_all_at(&noop, 0x2000).unwrap();
+    ram.write_all_at(&0x4000u64.to_le_bytes(), 0x3000).unwrap();
+    ram.write_all_at(&16u32.to_le_bytes(), 0x3008).unwrap();
+    w32(&mut c, 0, op + OP_CRCR, 0x2001);
+    let ir0 = RUNTIME_OFFSET + RT_IR0;
+    w32(&mut c, 0, ir0 + 8, 1);
+    w32(&mut c, 0, ir0 + 0x18, 0x4000);
+    w32(&mut c, 0, ir0 + 0x10, 0x3000);
+    w32(&mut c, 0, op + OP_USBCMD, USBCMD_RS);
+    w32(&mut c, 0, DOORBELL_OFFSET, 0);
+    let mut b = [0u8; 16];
+    ram.read_exact_at(&mut b, 0x4000).unwrap();
+    assert_eq!(Trb::from_bytes(&b).trb_type(), ty::COMMAND_COMPLETION);
+    // The client shrinks its file: rings and event ring are past the end.
+    ram.write_all_at(&noop, 0x2010).unwrap();
+    ram.set_len(0x1000).unwrap();
+    // The fetch faults (absorbed: zeros, so no command); the mapping is
+    // then dropped and the next fetch is a DMA error: Host System Error.
+    w32(&mut c, 0, DOORBELL_OFFSET, 0);
+    w32(&mut c, 0, DOORBELL_OFFSET, 0);
+    let sts = r32(&mut c, 0, op + OP_USBSTS);
+    assert_eq!(
+        sts & (USBSTS_HSE | USBSTS_HCH),
+        USBSTS_HSE | USBSTS_HCH,
+        "{sts:#x}"
+    );
+    // Alive and well: config space answers, memory can be mapped again.
+    assert_eq!(r32(&mut c, 7, 0), 0x000d_1b36);
+    ram.set_len(1 << 20).unwrap();
+    c.dma_map(0, 0, 1 << 20, ram.as_raw_fd()).unwrap();
+}
+
+/// DMA_MAP of `size` bytes of `f` at guest address 0 + `offset` 0.
+fn dma_map_raw(
+    s: &mut UnixStream,
+    id: u16,
+    offset: u64,
+    size: u64,
+    f: &std::fs::File,
+) -> (u16, u32, u32, Vec<u8>) {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut m = header(id, 2, 16 + 32, 0);
+    m.extend_from_slice(&32u32.to_le_bytes());
+    m.extend_from_slice(&3u32.to_le_bytes());
+    m.extend_from_slice(&offset.to_le_bytes());
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    s.send_with_fd(&m[..], f.as_raw_fd()).unwrap();
+    read_reply(s)
+}

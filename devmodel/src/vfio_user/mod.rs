@@ -18,6 +18,7 @@
 pub mod dma;
 mod irq;
 mod proto;
+mod sigbus;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -199,6 +200,12 @@ impl<C: PciController> Server<C> {
                 }
             }
         }
+        // A client that shrank its file under a mapping: the SIGBUS was
+        // absorbed (zeros read); from now on that range is a DMA error.
+        if self.dma.check_faults() {
+            self.dma.publish(&self.ram);
+        }
+        self.dma.reap();
     }
 
     /// Serves what is already waiting (messages on the client socket).
