@@ -1549,10 +1549,9 @@ mod tests {
         std::fs::create_dir_all(&node).unwrap();
         std::fs::write(node.join("002"), b"").unwrap();
         let fd = Usbfs::open(dir, 1, 2).unwrap();
-        let mut dev = vec![
+        let dev = vec![
             18, 1, 0, 2, 0, 0, 0, 64, 0x34, 0x12, 0x78, 0x56, 0, 1, 0, 0, 0, 0,
         ];
-        dev[17] = 0;
         Inner {
             open: Some(Open {
                 fd: Arc::new(fd),
