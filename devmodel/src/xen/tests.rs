@@ -620,7 +620,7 @@ fn hostile_port_io_high_bars_and_rep_doorbells_are_answered() {
         .contains(&(IoRange::Memory, high, high + 0x3fff)));
     // ...and at the very top, where base + size wraps: not claimed, and
     // accesses there are nobody's.
-    let top = u64::MAX & !0x3fff;
+    let top: u64 = !0x3fff;
     rig.enable(&c, top);
     assert!(!rig.xen.rec().ranges.iter().any(|r| r.1 == top));
     assert_eq!(c.mmio_read(top, 4), 0xffff_ffff);
