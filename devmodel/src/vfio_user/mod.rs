@@ -32,7 +32,6 @@ use hcd_emul::pci::{ExternalMsi, PciController, PciFunction};
 use hcd_emul::GuestRam;
 use hcd_emul::{guest_error, guest_info, guest_warn};
 use tracing::debug;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::evloop::{EventLoop, Wake};
 
@@ -290,22 +289,7 @@ impl<C: PciController> Server<C> {
 
     fn serve_from(&mut self, stream: &UnixStream) -> Result<(), ConnError> {
         let mut hdr = [0u8; HEADER_SIZE];
-        let mut fds = [0i32; MAX_FDS];
-        let mut iov = [libc::iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: hdr.len(),
-        }];
-        // SAFETY: the iovec points at `hdr`, which is live and exclusively
-        // borrowed for the call; `fds` has room for MAX_FDS descriptors.
-        let (got, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
-            .map_err(|e| ConnError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
-        let files: Vec<File> = fds[..nfds]
-            .iter()
-            .map(|&fd| {
-                // SAFETY: recvmsg just gave us ownership of these descriptors.
-                unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-            })
-            .collect();
+        let (got, files, fds_truncated) = recv_with_fds(stream, &mut hdr)?;
         if got == 0 {
             return Err(ConnError::Closed);
         }
@@ -328,7 +312,19 @@ impl<C: PciController> Server<C> {
             return Err(ConnError::Protocol("client sent a reply".into()));
         }
         self.messages += 1;
-        let reply = self.dispatch(&h, &body, files);
+        let reply = if fds_truncated {
+            // More descriptors than MAX_FDS: the kernel closed those that
+            // did not fit, we close the rest; the message is refused but
+            // was read whole, so the stream stays in sync.
+            guest_warn!(
+                "vfio-user: command {} came with more than {MAX_FDS} file descriptors",
+                h.command
+            );
+            drop(files);
+            Err(libc::EINVAL as u32)
+        } else {
+            self.dispatch(&h, &body, files)
+        };
         if h.flags & FLAG_NO_REPLY != 0 {
             if let Err(e) = reply {
                 guest_warn!(
@@ -654,6 +650,60 @@ impl<C: PciController> Server<C> {
         self.pci.set_external_msi(mode);
         Ok(())
     }
+}
+
+/// Room for [`MAX_FDS`] descriptors in one SCM_RIGHTS control message.
+// SAFETY: CMSG_SPACE is arithmetic on its argument.
+const CMSG_WORDS: usize = (unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) } as usize).div_ceil(8);
+
+/// `recvmsg` into `buf` taking at most [`MAX_FDS`] descriptors, owned as
+/// `File`s. The flag says the client sent more (`MSG_CTRUNC`: the kernel
+/// closed those that did not fit). Unlike `ScmSocket::recv_with_fds`, the
+/// bytes read are never lost on truncation, so the message can still be
+/// read whole and answered.
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<File>, bool)> {
+    use std::os::fd::FromRawFd;
+    let mut cmsg = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr; the pointers set below stay
+    // valid for the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, both live and
+    // exclusively borrowed for the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut files = Vec::new();
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR only walk
+    // within `msg_control..msg_controllen`.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a header inside `cmsg` (CMSG_FIRSTHDR/NXTHDR).
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: the data of a header inside `cmsg`.
+            let data = unsafe { libc::CMSG_DATA(c) };
+            let len = (h.cmsg_len as usize).saturating_sub(data as usize - c as usize);
+            for i in 0..len / 4 {
+                // SAFETY: `i < len / 4` ints lie inside this message's
+                // data; SCM_RIGHTS made each a descriptor we now own.
+                let fd = unsafe { std::ptr::read_unaligned(data.cast::<i32>().add(i)) };
+                // SAFETY: see above: owned by us, closed when dropped.
+                files.push(unsafe { File::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok((n as usize, files, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 impl<C: PciController> Drop for Server<C> {
