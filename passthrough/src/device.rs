@@ -1648,6 +1648,71 @@ mod tests {
         assert_eq!(r[0].status, TransferStatus::DeviceGone);
     }
 
+    /// Catalogue row "a device that never answers": a port reset (or
+    /// HCRST, unplug) cancels everything; URBs the device never completes
+    /// cost at most DISCARD_WAIT, then the node is dropped.
+    #[test]
+    fn device_that_never_answers_cannot_stall_a_reset() {
+        use hcd_emul::usb::CompletionQueue;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = inner_with_dead_node(dir.path());
+        let q = CompletionQueue::new();
+        let ram = hcd_emul::GuestRam::anonymous(0x10000);
+        for id in 1..=3u64 {
+            let (x, _h) = Transfer::new(
+                TransferId(id),
+                2,
+                Direction::Out,
+                TransferKind::Bulk,
+                vec![hcd_emul::usb::Segment::Guest {
+                    addr: 0x1000,
+                    len: 512,
+                }],
+                ram.clone(),
+                vec![],
+                q.clone(),
+            );
+            g.eps.entry(pipe(0x02, 0)).or_default().push_back(Pending {
+                id: TransferId(id),
+                xfer: Some(x),
+                urb_type: urb_type::BULK,
+                ep: 0x02,
+                stream: 0,
+                dir_in: false,
+                len: 512,
+                zero_copy: None,
+                next_off: 512,
+                started: true,
+                urbs_out: 1,
+                actual: 0,
+                result: None,
+                reply: None,
+                iso: Vec::new(),
+            });
+            let buf = vec![0u8; 512];
+            g.urbs.insert(
+                id,
+                Urb {
+                    block: OwnedBlock::new(UrbBlock::default()),
+                    bounce: Some((buf.as_ptr() as usize, 512)),
+                    _buf: UrbBuf::Owned(buf),
+                    id: TransferId(id),
+                    ep: pipe(0x02, 0),
+                    off: 0,
+                    len: 512,
+                    zero_copy_in: false,
+                    control: false,
+                },
+            );
+        }
+        let t0 = Instant::now();
+        g.cancel_all();
+        assert!(t0.elapsed() < DISCARD_WAIT * 3, "{:?}", t0.elapsed());
+        assert!(g.open.is_none() && g.urbs.is_empty() && g.eps.is_empty());
+        let r = q.drain();
+        assert_eq!(r.len(), 3, "every transfer completed: {r:?}");
+    }
+
     #[test]
     fn streams_of_one_endpoint_queue_apart() {
         assert_eq!(pipe(0x81, 0), 0x81);
