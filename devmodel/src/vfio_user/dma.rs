@@ -406,6 +406,20 @@ impl DmaMap {
     }
 }
 
+impl Drop for DmaMap {
+    /// Mappings something still uses (a device thread's zero-copy URB
+    /// outliving the server) are left mapped rather than pulled from under
+    /// it; the rest are unmapped.
+    fn drop(&mut self) {
+        self.clear();
+        for (r, h) in self.retired.drain(..) {
+            if r.strong_count() > 0 {
+                std::mem::forget(h);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
