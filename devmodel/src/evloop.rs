@@ -7,7 +7,6 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -123,7 +122,7 @@ impl EventLoop {
             None => self.timer.clear(),
         };
         if let Err(e) = r {
-            warn!("event loop: timer: {e}");
+            hcd_emul::guest_warn!("event loop: timer: {e}");
         }
         self.armed_for = deadline;
     }

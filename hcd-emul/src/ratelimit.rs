@@ -51,3 +51,28 @@ macro_rules! guest_warn {
         }
     }};
 }
+
+/// `tracing::info!` at most ten times a second per call site: for
+/// notices a guest or client can repeat at will (connects, resets).
+#[macro_export]
+macro_rules! guest_info {
+    ($($arg:tt)*) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::info!($($arg)*);
+        }
+    }};
+}
+
+/// `tracing::error!` at most ten times a second per call site: for errors
+/// a guest or client can provoke at will (a refused client, a broken
+/// stream).
+#[macro_export]
+macro_rules! guest_error {
+    ($($arg:tt)*) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::error!($($arg)*);
+        }
+    }};
+}

@@ -52,6 +52,7 @@ use hcd_emul::usb::{
     TransferStatus, UsbDevice, Wakeup,
 };
 use hcd_emul::HostRange;
+use hcd_emul::{guest_info, guest_warn};
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -463,7 +464,9 @@ fn claim_interfaces(fd: &Usbfs, descs: &HostDescriptors, config: u8, port: &str)
                 }
                 claimed.push(ifno);
             }
-            Err(e) => warn!(target: "passthrough", "{port}: cannot claim interface {ifno}: {e}"),
+            Err(e) => {
+                guest_warn!(target: "passthrough", "{port}: cannot claim interface {ifno}: {e}")
+            }
         }
     }
     claimed
@@ -647,10 +650,10 @@ impl Inner {
                     match self.urbs.remove(&token) {
                         Some(u) if u.block.ptr() == p => self.urb_done(&u),
                         Some(u) => {
-                            warn!(target: "passthrough", "reaped URB does not match its token");
+                            guest_warn!(target: "passthrough", "reaped URB does not match its token");
                             self.urbs.insert(token, u);
                         }
-                        None => warn!(target: "passthrough", "reaped an unknown URB"),
+                        None => guest_warn!(target: "passthrough", "reaped an unknown URB"),
                     }
                 }
                 Ok(None) => return false,
@@ -658,7 +661,7 @@ impl Inner {
                     return true
                 }
                 Err(e) => {
-                    warn!(target: "passthrough", "reap: {e}");
+                    guest_warn!(target: "passthrough", "reap: {e}");
                     return false;
                 }
             }
@@ -822,7 +825,7 @@ impl Inner {
                             // usbfs memory budget: retry on a completion.
                             break 'transfers;
                         }
-                        warn!(target: "passthrough", "endpoint {ep:#04x}: URB refused: {e}");
+                        guest_warn!(target: "passthrough", "endpoint {ep:#04x}: URB refused: {e}");
                         if let Some(p) = self.eps.get_mut(&ep).and_then(|q| q.get_mut(i)) {
                             p.result = Some(if code == libc::EPIPE {
                                 TransferStatus::Stall
@@ -864,7 +867,9 @@ impl Inner {
                     return Ok(());
                 };
                 if !p.dir_in {
-                    sp.length = sp.length.min(p.len as u16);
+                    // `p.len <= wLength` (`control_data_fits`): a shorter
+                    // OUT data stage sends what the host gave.
+                    sp.length = sp.length.min(u16::try_from(p.len).unwrap_or(u16::MAX));
                 }
                 let mut v = vec![0u8; 8 + sp.length as usize];
                 v[..8].copy_from_slice(&sp.to_bytes());
@@ -988,8 +993,17 @@ impl Inner {
                 break;
             }
             if Instant::now() > deadline {
-                warn!(target: "passthrough", "discarded URBs did not come back in {DISCARD_WAIT:?}");
-                break;
+                // Reaping such a URB later would copy its IN data into
+                // guest memory the guest was told is free again. Drop the
+                // node instead: nothing reaps from now on, closing it makes
+                // the kernel kill and free every URB, and the device shows
+                // up again as a fresh connection (the worker re-opens it).
+                guest_warn!(
+                    target: "passthrough",
+                    "discarded URBs did not come back in {DISCARD_WAIT:?}: closing the device node"
+                );
+                self.gone();
+                return;
             }
             let _ = usbfs::poll(&[(fd.raw_fd(), libc::POLLOUT)], 5);
         }
@@ -1012,7 +1026,7 @@ impl Inner {
     /// The device went away: every transfer fails, the node is closed.
     fn gone(&mut self) {
         if let Some(open) = self.open.take() {
-            info!(target: "passthrough", "{}: device gone", open.info.port);
+            guest_info!(target: "passthrough", "{}: device gone", open.info.port);
         }
         // The node is closed (or no longer reaped): URB memory is ours.
         self.urbs.clear();
@@ -1180,6 +1194,14 @@ impl Inner {
     }
 }
 
+/// Whether a control transfer's data stage fits its SETUP packet: never
+/// longer than wLength (so never more than 65,535 bytes). A longer one
+/// is refused (stall), never cut to fit: `as u16` once turned a 65,536-byte
+/// OUT stage into wLength 0.
+pub fn control_data_fits(sp: &SetupPacket, len: usize) -> bool {
+    len <= usize::from(sp.length)
+}
+
 /// The queue a transfer waits in: its endpoint address, and for bulk
 /// streams its stream ID. Transfers on different streams of one endpoint
 /// are independent (the device picks which stream it serves next, UAS
@@ -1187,6 +1209,16 @@ impl Inner {
 /// none waits behind another.
 fn pipe(ep: u8, stream: u16) -> u32 {
     u32::from(ep) | (u32::from(stream) << 8)
+}
+
+impl HostDevice {
+    /// The node was closed under the controller (URBs that would not come
+    /// back): the port shows a disconnect until the worker re-opens it.
+    fn node_dropped(&self) {
+        if self.shared.connected.swap(false, Ordering::SeqCst) {
+            self.shared.wake_controller();
+        }
+    }
 }
 
 impl UsbDevice for HostDevice {
@@ -1201,6 +1233,10 @@ impl UsbDevice for HostDevice {
     fn reset(&mut self) {
         let mut g = lock(&self.shared.inner);
         g.cancel_all();
+        if g.open.is_none() {
+            drop(g);
+            return self.node_dropped();
+        }
         let used = std::mem::take(&mut g.used);
         if !used {
             return;
@@ -1214,7 +1250,7 @@ impl UsbDevice for HostDevice {
             match open.fd.reset() {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENODEV) => gone = true,
-                Err(e) => warn!(target: "passthrough", "{}: reset: {e}", open.info.port),
+                Err(e) => guest_warn!(target: "passthrough", "{}: reset: {e}", open.info.port),
             }
             if !gone {
                 open.claimed =
@@ -1231,6 +1267,17 @@ impl UsbDevice for HostDevice {
     }
 
     fn submit(&mut self, xfer: Transfer) {
+        if let TransferKind::Control(sp) = xfer.kind() {
+            if !control_data_fits(&sp, xfer.len()) {
+                guest_warn!(
+                    target: "passthrough",
+                    "control transfer with a {}-byte data stage for wLength {}: stalled",
+                    xfer.len(),
+                    sp.length
+                );
+                return xfer.complete(TransferStatus::Stall, 0);
+            }
+        }
         let mut g = lock(&self.shared.inner);
         if g.open.is_none() {
             drop(g);
@@ -1263,6 +1310,12 @@ impl UsbDevice for HostDevice {
             return;
         };
         g.discard_and_wait(Some(id), false);
+        if g.open.is_none() {
+            // The URBs did not come back: the node was dropped, every
+            // transfer (this one too) completed.
+            drop(g);
+            return self.node_dropped();
+        }
         if let Some(q) = g.eps.get_mut(&ep) {
             if let Some(i) = q.iter().position(|p| p.id == id) {
                 if let Some(mut p) = q.remove(i) {
@@ -1288,13 +1341,13 @@ impl UsbDevice for HostDevice {
             Ok(n) => {
                 if n < u32::from(streams) {
                     // The guest may use IDs past `n`: those URBs fail.
-                    info!(target: "passthrough", "endpoint {endpoint:#04x}: host granted {n} of {streams} streams");
+                    guest_info!(target: "passthrough", "endpoint {endpoint:#04x}: host granted {n} of {streams} streams");
                 }
                 g.streams.insert(endpoint, n);
                 true
             }
             Err(e) => {
-                warn!(target: "passthrough", "endpoint {endpoint:#04x}: cannot allocate {streams} streams: {e}");
+                guest_warn!(target: "passthrough", "endpoint {endpoint:#04x}: cannot allocate {streams} streams: {e}");
                 false
             }
         }
@@ -1438,6 +1491,226 @@ mod tests {
         d.reset();
         d.cancel(TransferId(9));
         drop(d);
+    }
+
+    #[test]
+    fn control_out_longer_than_wlength_or_64k_is_stalled_not_truncated() {
+        use hcd_emul::usb::CompletionQueue;
+        let (_t, mut d) = absent_device();
+        let q = CompletionQueue::new();
+        let ram = hcd_emul::GuestRam::anonymous(0x40000);
+        let mut submit = |id: u64, dir: Direction, length: u16, len: usize| {
+            let setup = SetupPacket {
+                request_type: if dir == Direction::In { 0xc0 } else { 0x40 },
+                request: 1,
+                value: 0,
+                index: 0,
+                length,
+            };
+            let (x, _h) = Transfer::new(
+                TransferId(id),
+                0,
+                dir,
+                TransferKind::Control(setup),
+                vec![hcd_emul::usb::Segment::Guest { addr: 0, len }],
+                ram.clone(),
+                vec![],
+                q.clone(),
+            );
+            d.submit(x);
+            let r = q.drain();
+            assert_eq!(r.len(), 1);
+            r[0].status
+        };
+        // 65,536 bytes: `as u16` made that wLength 0.
+        assert_eq!(submit(1, Direction::Out, 0, 65536), TransferStatus::Stall);
+        assert_eq!(
+            submit(2, Direction::Out, 0xffff, 65536),
+            TransferStatus::Stall
+        );
+        assert_eq!(submit(3, Direction::Out, 64, 100), TransferStatus::Stall);
+        assert_eq!(submit(4, Direction::In, 64, 100), TransferStatus::Stall);
+        // Fitting ones go on to the device (absent here).
+        assert_eq!(
+            submit(5, Direction::Out, 64, 64),
+            TransferStatus::DeviceGone
+        );
+        assert_eq!(
+            submit(6, Direction::In, 0xffff, 0xffff),
+            TransferStatus::DeviceGone
+        );
+        assert!(control_data_fits(&sp(0x40, 1, 0, 0), 0));
+    }
+
+    /// An `Inner` whose device node is a plain file: every usbfs ioctl
+    /// fails (ENOTTY), so a URB put in `urbs` never comes back.
+    fn inner_with_dead_node(dir: &std::path::Path) -> Inner {
+        let node = dir.join("bus/usb/001");
+        std::fs::create_dir_all(&node).unwrap();
+        std::fs::write(node.join("002"), b"").unwrap();
+        let fd = Usbfs::open(dir, 1, 2).unwrap();
+        let dev = vec![
+            18, 1, 0, 2, 0, 0, 0, 64, 0x34, 0x12, 0x78, 0x56, 0, 1, 0, 0, 0, 0,
+        ];
+        Inner {
+            open: Some(Open {
+                fd: Arc::new(fd),
+                info: HostDeviceInfo {
+                    bus: 1,
+                    addr: 2,
+                    port: "1-1".into(),
+                    vendor: 0x1234,
+                    product: 0x5678,
+                    serial: None,
+                    speed: Some(Speed::High),
+                },
+                descs: HostDescriptors::parse(&dev).unwrap(),
+                compat: None,
+                config: 1,
+                claimed: Vec::new(),
+            }),
+            urbs: HashMap::new(),
+            eps: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            next_token: 1,
+            in_flight: 0,
+            used: true,
+            stats: PassthroughStats::default(),
+            refused: None,
+            zero_copy_off: false,
+        }
+    }
+
+    /// `discard_and_wait` gave up after a second and left the zero-copy
+    /// IN URB in the kernel: a later reap would have copied data into
+    /// guest memory the guest had been told was cancelled.
+    #[test]
+    fn unreaped_zero_copy_urb_cannot_outlive_its_cancel() {
+        use hcd_emul::usb::CompletionQueue;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = inner_with_dead_node(dir.path());
+        let q = CompletionQueue::new();
+        let ram = hcd_emul::GuestRam::anonymous(0x10000);
+        let (x, _h) = Transfer::new(
+            TransferId(7),
+            1,
+            Direction::In,
+            TransferKind::Bulk,
+            vec![hcd_emul::usb::Segment::Guest {
+                addr: 0x1000,
+                len: 512,
+            }],
+            ram,
+            vec![],
+            q.clone(),
+        );
+        let range = x.host_buffer().expect("one contiguous guest range");
+        g.eps.entry(pipe(0x81, 0)).or_default().push_back(Pending {
+            id: TransferId(7),
+            xfer: Some(x),
+            urb_type: urb_type::BULK,
+            ep: 0x81,
+            stream: 0,
+            dir_in: true,
+            len: 512,
+            zero_copy: Some(range.clone()),
+            next_off: 512,
+            started: true,
+            urbs_out: 1,
+            actual: 0,
+            result: None,
+            reply: None,
+            iso: Vec::new(),
+        });
+        // As if submitted: a zero-copy IN URB the kernel never returns.
+        g.urbs.insert(
+            1,
+            Urb {
+                block: OwnedBlock::new(UrbBlock::default()),
+                _buf: UrbBuf::Guest(range),
+                id: TransferId(7),
+                ep: pipe(0x81, 0),
+                off: 0,
+                len: 512,
+                zero_copy_in: true,
+                bounce: None,
+                control: false,
+            },
+        );
+        let t0 = Instant::now();
+        g.discard_and_wait(Some(TransferId(7)), false);
+        assert!(t0.elapsed() < DISCARD_WAIT * 3);
+        assert!(g.open.is_none(), "the node is dropped: nothing can reap it");
+        assert!(g.urbs.is_empty());
+        assert!(!g.reap_all(), "no node, no reap");
+        let r = q.drain();
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].status, TransferStatus::DeviceGone);
+    }
+
+    /// Catalogue row "a device that never answers": a port reset (or
+    /// HCRST, unplug) cancels everything; URBs the device never completes
+    /// cost at most DISCARD_WAIT, then the node is dropped.
+    #[test]
+    fn device_that_never_answers_cannot_stall_a_reset() {
+        use hcd_emul::usb::CompletionQueue;
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = inner_with_dead_node(dir.path());
+        let q = CompletionQueue::new();
+        let ram = hcd_emul::GuestRam::anonymous(0x10000);
+        for id in 1..=3u64 {
+            let (x, _h) = Transfer::new(
+                TransferId(id),
+                2,
+                Direction::Out,
+                TransferKind::Bulk,
+                vec![hcd_emul::usb::Segment::Guest {
+                    addr: 0x1000,
+                    len: 512,
+                }],
+                ram.clone(),
+                vec![],
+                q.clone(),
+            );
+            g.eps.entry(pipe(0x02, 0)).or_default().push_back(Pending {
+                id: TransferId(id),
+                xfer: Some(x),
+                urb_type: urb_type::BULK,
+                ep: 0x02,
+                stream: 0,
+                dir_in: false,
+                len: 512,
+                zero_copy: None,
+                next_off: 512,
+                started: true,
+                urbs_out: 1,
+                actual: 0,
+                result: None,
+                reply: None,
+                iso: Vec::new(),
+            });
+            let buf = vec![0u8; 512];
+            g.urbs.insert(
+                id,
+                Urb {
+                    block: OwnedBlock::new(UrbBlock::default()),
+                    bounce: Some((buf.as_ptr() as usize, 512)),
+                    _buf: UrbBuf::Owned(buf),
+                    id: TransferId(id),
+                    ep: pipe(0x02, 0),
+                    off: 0,
+                    len: 512,
+                    zero_copy_in: false,
+                    control: false,
+                },
+            );
+        }
+        let t0 = Instant::now();
+        g.cancel_all();
+        assert!(t0.elapsed() < DISCARD_WAIT * 3, "{:?}", t0.elapsed());
+        assert!(g.open.is_none() && g.urbs.is_empty() && g.eps.is_empty());
+        let r = q.drain();
+        assert_eq!(r.len(), 3, "every transfer completed: {r:?}");
     }
 
     #[test]

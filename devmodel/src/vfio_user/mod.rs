@@ -18,6 +18,7 @@
 pub mod dma;
 mod irq;
 mod proto;
+mod sigbus;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -29,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use hcd_emul::pci::{ExternalMsi, PciController, PciFunction};
 use hcd_emul::GuestRam;
-use tracing::{debug, error, info, warn};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use hcd_emul::{guest_error, guest_info, guest_warn};
+use tracing::debug;
 
 use crate::evloop::{EventLoop, Wake};
 
@@ -198,6 +199,12 @@ impl<C: PciController> Server<C> {
                 }
             }
         }
+        // A client that shrank its file under a mapping: the SIGBUS was
+        // absorbed (zeros read); from now on that range is a DMA error.
+        if self.dma.check_faults() {
+            self.dma.publish(&self.ram);
+        }
+        self.dma.reap();
     }
 
     /// Serves what is already waiting (messages on the client socket).
@@ -215,25 +222,25 @@ impl<C: PciController> Server<C> {
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if self.client.is_some() {
-                        error!(
+                        guest_error!(
                             "vfio-user: refusing a second client on {}: one client per device",
                             self.path.display()
                         );
                         drop(s);
                         continue;
                     }
-                    info!("vfio-user: client connected on {}", self.path.display());
+                    guest_info!("vfio-user: client connected on {}", self.path.display());
                     if s.set_nonblocking(false).is_err()
                         || self.lp.add(s.as_raw_fd(), TOKEN_CLIENT).is_err()
                     {
-                        error!("vfio-user: cannot watch the client socket");
+                        guest_error!("vfio-user: cannot watch the client socket");
                         continue;
                     }
                     self.client = Some(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn!("vfio-user: accept failed: {e}");
+                    guest_warn!("vfio-user: accept failed: {e}");
                     return;
                 }
             }
@@ -244,11 +251,11 @@ impl<C: PciController> Server<C> {
     /// see the device, so reset it, drop its memory and interrupts.
     fn disconnect(&mut self, why: &ConnError) {
         match why {
-            ConnError::Closed => info!("vfio-user: client disconnected"),
-            e => error!("vfio-user: dropping client: {e}"),
+            ConnError::Closed => guest_info!("vfio-user: client disconnected"),
+            e => guest_error!("vfio-user: dropping client: {e}"),
         }
         let signalled = self.irqs.lock().map(|i| i.signalled).unwrap_or(0);
-        info!(
+        guest_info!(
             "vfio-user: session stats: messages={} region_accesses={} interrupts={} {}",
             self.messages,
             self.region_accesses,
@@ -282,22 +289,7 @@ impl<C: PciController> Server<C> {
 
     fn serve_from(&mut self, stream: &UnixStream) -> Result<(), ConnError> {
         let mut hdr = [0u8; HEADER_SIZE];
-        let mut fds = [0i32; MAX_FDS];
-        let mut iov = [libc::iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: hdr.len(),
-        }];
-        // SAFETY: the iovec points at `hdr`, which is live and exclusively
-        // borrowed for the call; `fds` has room for MAX_FDS descriptors.
-        let (got, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
-            .map_err(|e| ConnError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
-        let files: Vec<File> = fds[..nfds]
-            .iter()
-            .map(|&fd| {
-                // SAFETY: recvmsg just gave us ownership of these descriptors.
-                unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-            })
-            .collect();
+        let (got, files, fds_truncated) = recv_with_fds(stream, &mut hdr)?;
         if got == 0 {
             return Err(ConnError::Closed);
         }
@@ -320,10 +312,22 @@ impl<C: PciController> Server<C> {
             return Err(ConnError::Protocol("client sent a reply".into()));
         }
         self.messages += 1;
-        let reply = self.dispatch(&h, &body, files);
+        let reply = if fds_truncated {
+            // More descriptors than MAX_FDS: the kernel closed those that
+            // did not fit, we close the rest; the message is refused but
+            // was read whole, so the stream stays in sync.
+            guest_warn!(
+                "vfio-user: command {} came with more than {MAX_FDS} file descriptors",
+                h.command
+            );
+            drop(files);
+            Err(libc::EINVAL as u32)
+        } else {
+            self.dispatch(&h, &body, files)
+        };
         if h.flags & FLAG_NO_REPLY != 0 {
             if let Err(e) = reply {
-                warn!(
+                guest_warn!(
                     "vfio-user: command {} (no reply wanted) failed: errno {e}",
                     h.command
                 );
@@ -350,7 +354,7 @@ impl<C: PciController> Server<C> {
                 let major = r.u16()?;
                 let minor = r.u16()?;
                 let caps = String::from_utf8_lossy(r.rest());
-                info!(
+                guest_info!(
                     "vfio-user: client version {major}.{minor} {}",
                     caps.trim_end_matches('\0')
                 );
@@ -377,7 +381,7 @@ impl<C: PciController> Server<C> {
                 if f.is_none() {
                     // ROM shadows come without descriptors; RAM must not.
                     if size >= 1 << 20 {
-                        warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
+                        guest_warn!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor: guest RAM must be shared (memory-backend-memfd,share=on)");
                     } else {
                         debug!("vfio-user: DMA_MAP {addr:#x}+{size:#x} without a file descriptor (not accessible)");
                     }
@@ -389,7 +393,7 @@ impl<C: PciController> Server<C> {
                         Ok(Vec::new())
                     }
                     Err(e) => {
-                        warn!("vfio-user: {e}");
+                        guest_warn!("vfio-user: {e}");
                         Err(libc::EINVAL as u32)
                     }
                 }
@@ -411,7 +415,7 @@ impl<C: PciController> Server<C> {
                         Ok(p)
                     }
                     Err(e) => {
-                        warn!("vfio-user: {e}");
+                        guest_warn!("vfio-user: {e}");
                         Err(libc::EINVAL as u32)
                     }
                 }
@@ -442,24 +446,11 @@ impl<C: PciController> Server<C> {
                 let _argsz = r.u32()?;
                 let _flags = r.u32()?;
                 let index = r.u32()?;
-                let (flags, count) = match index {
-                    IRQ_INTX => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
-                        1u32,
-                    ),
-                    IRQ_MSI => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
-                        u32::from(self.pci.controller().msi_vectors()),
-                    ),
-                    IRQ_MSIX => (
-                        IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
-                        self.pci
-                            .controller()
-                            .msix()
-                            .map_or(0, |m| u32::from(m.vectors)),
-                    ),
-                    IRQ_ERR | IRQ_REQ => (0, 0),
-                    _ => return Err(libc::EINVAL as u32),
+                let count = self.irq_count(index).ok_or(libc::EINVAL as u32)?;
+                let flags = match index {
+                    IRQ_INTX => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
+                    IRQ_MSI | IRQ_MSIX => IRQ_INFO_EVENTFD | IRQ_INFO_NORESIZE,
+                    _ => 0,
                 };
                 let mut p = Vec::new();
                 p.extend_from_slice(&16u32.to_le_bytes());
@@ -509,14 +500,30 @@ impl<C: PciController> Server<C> {
                 Ok(p)
             }
             CMD_DEVICE_RESET => {
-                info!("vfio-user: device reset");
+                guest_info!("vfio-user: device reset");
                 self.pci.reset();
                 Ok(Vec::new())
             }
             other => {
-                warn!("vfio-user: unsupported command {other}");
+                guest_warn!("vfio-user: unsupported command {other}");
                 Err(libc::ENOTSUP as u32)
             }
+        }
+    }
+
+    /// Vectors of interrupt index `index` (what `GET_IRQ_INFO` reports).
+    fn irq_count(&self, index: u32) -> Option<u32> {
+        match index {
+            IRQ_INTX => Some(1),
+            IRQ_MSI => Some(u32::from(self.pci.controller().msi_vectors())),
+            IRQ_MSIX => Some(
+                self.pci
+                    .controller()
+                    .msix()
+                    .map_or(0, |m| u32::from(m.vectors)),
+            ),
+            IRQ_ERR | IRQ_REQ => Some(0),
+            _ => None,
         }
     }
 
@@ -602,7 +609,17 @@ impl<C: PciController> Server<C> {
     ) -> Result<(), u32> {
         let action = flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER);
         let data = flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD);
-        if action.count_ones() != 1 || data.count_ones() != 1 || index > IRQ_REQ {
+        if action.count_ones() != 1 || data.count_ones() != 1 {
+            return Err(libc::EINVAL as u32);
+        }
+        // As the kernel's vfio_set_irqs_validate_and_prepare: the range
+        // must lie within the index's vectors (no overflow, start inside
+        // even for count 0), so no request makes us loop for long.
+        let vectors = self.irq_count(index).ok_or(libc::EINVAL as u32)?;
+        if flags & !(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK_ALL) != 0
+            || start >= vectors
+            || start.checked_add(count).is_none_or(|end| end > vectors)
+        {
             return Err(libc::EINVAL as u32);
         }
         debug!("vfio-user: SET_IRQS request index {index} start {start} count {count} flags {flags:#x} fds {}", fds.len());
@@ -622,7 +639,8 @@ impl<C: PciController> Server<C> {
             }
             (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) if count == 0 => irqs.clear(index),
             (IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_NONE) => {
-                for v in start..start.saturating_add(count) {
+                // Bounded by the index's vectors (checked above).
+                for v in start..start + count {
                     irqs.signal(index, v);
                 }
             }
@@ -636,6 +654,60 @@ impl<C: PciController> Server<C> {
         self.pci.set_external_msi(mode);
         Ok(())
     }
+}
+
+/// Room for [`MAX_FDS`] descriptors in one SCM_RIGHTS control message.
+// SAFETY: CMSG_SPACE is arithmetic on its argument.
+const CMSG_WORDS: usize = (unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) } as usize).div_ceil(8);
+
+/// `recvmsg` into `buf` taking at most [`MAX_FDS`] descriptors, owned as
+/// `File`s. The flag says the client sent more (`MSG_CTRUNC`: the kernel
+/// closed those that did not fit). Unlike `ScmSocket::recv_with_fds`, the
+/// bytes read are never lost on truncation, so the message can still be
+/// read whole and answered.
+fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<File>, bool)> {
+    use std::os::fd::FromRawFd;
+    let mut cmsg = [0u64; CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr; the pointers set below stay
+    // valid for the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, both live and
+    // exclusively borrowed for the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut files = Vec::new();
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR only walk
+    // within `msg_control..msg_controllen`.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a header inside `cmsg` (CMSG_FIRSTHDR/NXTHDR).
+        let h = unsafe { &*c };
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: the data of a header inside `cmsg`.
+            let data = unsafe { libc::CMSG_DATA(c) };
+            let len = (h.cmsg_len as usize).saturating_sub(data as usize - c as usize);
+            for i in 0..len / 4 {
+                // SAFETY: `i < len / 4` ints lie inside this message's
+                // data; SCM_RIGHTS made each a descriptor we now own.
+                let fd = unsafe { std::ptr::read_unaligned(data.cast::<i32>().add(i)) };
+                // SAFETY: see above: owned by us, closed when dropped.
+                files.push(unsafe { File::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    Ok((n as usize, files, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 impl<C: PciController> Drop for Server<C> {

@@ -46,6 +46,9 @@ pub const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
 pub const IRQ_SET_ACTION_MASK: u32 = 1 << 3;
 pub const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
 pub const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+pub const IRQ_SET_DATA_MASK: u32 = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD;
+pub const IRQ_SET_ACTION_MASK_ALL: u32 =
+    IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER;
 
 /// Message header.
 #[derive(Debug, Clone, Copy, Default)]

@@ -254,14 +254,16 @@ impl FakeBus {
         })
     }
 
-    /// The guest side signals `remote` (a vCPU hit one of our ranges).
-    pub fn fire(&self, remote: u32) {
+    /// The guest side signals `remote` (a vCPU hit one of our ranges);
+    /// `false` if nobody is bound to it (the server is gone).
+    pub fn try_fire(&self, remote: u32) -> bool {
         let mut st = self.st.lock().unwrap();
         let Some(&local) = st.bound.get(&remote) else {
-            panic!("remote port {remote} not bound");
+            return false;
         };
         st.pending.push_back(local);
         self.efd.write(1).unwrap();
+        true
     }
 
     /// Notifications the device model sent on the port bound to `remote`.
@@ -380,6 +382,11 @@ impl FakeVcpu {
     /// Writes `r` into the slot with `state` (READY for a real request)
     /// and fires the channel; does not wait.
     pub fn post(&self, r: Req, state: u8) {
+        assert!(self.try_post(r, state), "vCPU {}: port not bound", self.v);
+    }
+
+    /// [`post`](Self::post), or `false` if the server has unbound its port.
+    pub fn try_post(&self, r: Req, state: u8) -> bool {
         let s = self.page.as_volatile_slice();
         let b = self.base();
         s.write_obj(r.addr, b + abi::IOREQ_OFF_ADDR).unwrap();
@@ -400,7 +407,7 @@ impl FakeVcpu {
         }
         s.store(f, b + abi::IOREQ_OFF_FLAGS, Ordering::Release)
             .unwrap();
-        self.bus.fire(FakeXen::remote_port(self.v));
+        self.bus.try_fire(FakeXen::remote_port(self.v))
     }
 
     /// Issues `r` and waits for the answer (Xen then resets the slot).

@@ -74,12 +74,23 @@ impl MapCache {
     }
 
     /// Maps frames `first..first + n` (all expected to work) as one region.
+    /// If Xen refuses the whole run (a hole: not RAM, not the guest's),
+    /// its frames are remembered as refused like single failed frames, so
+    /// a guest pointing DMA at a hole again and again costs one
+    /// `MMAPBATCH` per flush, not one per access.
     fn map_run(&self, first: u64, n: u64) -> Option<(MmapRegion, Vec<i32>)> {
         self.stats.map_calls.fetch_add(1, Ordering::Relaxed);
         match self.hv.map_guest(first, n as usize) {
             Ok(m) => Some((m.region, m.errors)),
             Err(e) => {
                 guest_warn!("xen: mapping guest frames {first:#x}+{n}: {e}");
+                self.stats.failed_pages.fetch_add(n, Ordering::Relaxed);
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    self.refused
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(first..first + n);
+                }
                 None
             }
         }
@@ -183,5 +194,40 @@ impl GuestMapper for MapCache {
             }
         }
         Some(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xen::fake::FakeXen;
+
+    /// A wholly invalid bucket (every frame refused, so `map_guest` fails
+    /// as a whole) was not remembered: every access to the hole repeated
+    /// a 256-page MMAPBATCH.
+    #[test]
+    fn repeated_dma_into_a_p2m_hole_maps_it_once_per_flush() {
+        let xen = FakeXen::new(1, 16 << 20, 0x800..0x900);
+        let cache = MapCache::new(xen.clone(), 1 << 30);
+        let empty = GuestMemoryMmap::default();
+        let hole = |a: u64| {
+            cache
+                .map(a, 8, &empty)
+                .is_none_or(|m| m.find_region(GuestAddress(a)).is_none())
+        };
+        for i in 0..1000u64 {
+            assert!(hole((0x800 << 12) + i * 8));
+        }
+        assert_eq!(xen.rec().map_calls, 1, "one MMAPBATCH for the hole");
+        // RAM next to it still maps.
+        assert!(cache
+            .map(0x700 << 12, 8, &empty)
+            .is_some_and(|m| m.find_region(GuestAddress(0x700 << 12)).is_some()));
+        let calls = xen.rec().map_calls;
+        // INVALIDATE forgets: the hole is asked for once more.
+        cache.flushed();
+        assert!(hole(0x800 << 12));
+        assert!(hole(0x800 << 12));
+        assert_eq!(xen.rec().map_calls, calls + 1);
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use hcd_emul::guest_warn;
 use hcd_emul::pci::{BarKind, InterruptTransport, MsiMessage, PciController, PciFunction};
 use hcd_emul::GuestRam;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use vm_memory::{Bytes, GuestMemoryMmap, MmapRegion, VolatileMemory};
 
 use super::abi;
@@ -617,7 +617,7 @@ impl<C: PciController> XenServer<C> {
                     self.hv
                         .unmap_io_range(self.id, c.kind, c.start, c.start + c.len - 1)
                 {
-                    warn!("xen: release BAR{} range: {e}", c.bar);
+                    guest_warn!("xen: release BAR{} range: {e}", c.bar);
                 }
             } else {
                 self.claimed.push(c);

@@ -526,3 +526,131 @@ fn domain_death_ends_the_server_and_teardown_tolerates_it() {
     assert_eq!(exit, Exit::DomainGone);
     assert!(t0.elapsed() < Duration::from_secs(5));
 }
+
+/// The liveness check runs by time on every loop iteration, so a guest
+/// keeping the server busy with requests cannot hide its domain's death.
+#[test]
+fn domain_death_is_noticed_during_a_request_burst() {
+    let mut rig = Rig::new(1);
+    let c = rig.vcpu(0);
+    rig.enable(&c, BAR0);
+    let busy = Arc::new(AtomicBool::new(true));
+    let b2 = busy.clone();
+    let hammer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while b2.load(Ordering::SeqCst) {
+            // Re-post as soon as the slot is answered (or every 50 µs),
+            // rep reads of the whole capability block each time.
+            let posted = c.try_post(
+                Req {
+                    ty: abi::IOREQ_TYPE_COPY,
+                    addr: BAR0,
+                    data: 0x10_0000,
+                    count: 4096,
+                    size: 4,
+                    read: true,
+                    ptr: true,
+                    df: false,
+                },
+                abi::STATE_IOREQ_READY,
+            );
+            if !posted {
+                break;
+            }
+            n += 1;
+            let t = Instant::now();
+            while c.state() != abi::STATE_IORESP_READY && t.elapsed() < Duration::from_micros(50) {}
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    rig.xen.kill();
+    let (exit, st) = rig.server.take().unwrap().join().unwrap();
+    let noticed = t0.elapsed();
+    busy.store(false, Ordering::SeqCst);
+    let posted = hammer.join().unwrap();
+    assert_eq!(exit, Exit::DomainGone);
+    assert!(noticed < Duration::from_millis(2500), "{noticed:?}");
+    assert!(
+        posted > 10 && st.ioreqs > 10,
+        "the burst ran: {posted} posted, {st:?}"
+    );
+}
+
+/// Catalogue rows: 8-byte port I/O and port reps, BARs placed near 2^52
+/// (and where they would wrap), rep MMIO onto the doorbells — each
+/// answered, in bounded time, and the server keeps working.
+#[test]
+fn hostile_port_io_high_bars_and_rep_doorbells_are_answered() {
+    let rig = Rig::new(1);
+    let c = rig.vcpu(0);
+    let t0 = Instant::now();
+    // 8-byte port I/O (x86 has none): all ones, nothing done.
+    let pio8 = c.request(Req {
+        ty: abi::IOREQ_TYPE_PIO,
+        addr: 0xc000,
+        count: 1,
+        size: 8,
+        read: true,
+        ..Default::default()
+    });
+    assert_eq!(pio8, u64::MAX);
+    // Port reps (rep insw / outsw) with a huge count, both directions.
+    for read in [true, false] {
+        c.request(Req {
+            ty: abi::IOREQ_TYPE_PIO,
+            addr: 0xc000,
+            data: 0x1000,
+            count: u32::MAX,
+            size: 2,
+            read,
+            ptr: true,
+            df: false,
+        });
+    }
+    // BAR 0 near 2^52 (the top of a 52-bit physical address space)...
+    let high = (1u64 << 52) - 0x4000;
+    rig.enable(&c, high);
+    assert_eq!(c.mmio_read(high, 1), 0x40, "CAPLENGTH at the high BAR");
+    assert!(rig
+        .xen
+        .rec()
+        .ranges
+        .contains(&(IoRange::Memory, high, high + 0x3fff)));
+    // ...and at the very top, where base + size wraps: not claimed, and
+    // accesses there are nobody's.
+    let top: u64 = !0x3fff;
+    rig.enable(&c, top);
+    assert!(!rig.xen.rec().ranges.iter().any(|r| r.1 == top));
+    assert_eq!(c.mmio_read(top, 4), 0xffff_ffff);
+    assert_eq!(c.mmio_read(u64::MAX - 1, 4), 0xffff_ffff);
+    // Back to a sane place; a rep MMIO write of 4096 items from guest
+    // memory onto the doorbell array (and past the end of the BAR).
+    rig.enable(&c, BAR0);
+    start_xhci(&rig, &c);
+    c.request(Req {
+        ty: abi::IOREQ_TYPE_COPY,
+        addr: BAR0 + 0x2000,
+        data: 0x10_0000,
+        count: 4096,
+        size: 4,
+        ptr: true,
+        ..Default::default()
+    });
+    // 8-byte items (doorbells 0 and 1 in one write) with a count far
+    // beyond what Xen sends: cut to 4096 items.
+    c.request(Req {
+        ty: abi::IOREQ_TYPE_COPY,
+        addr: BAR0 + 0x2000,
+        data: 0x10_0000,
+        count: u32::MAX,
+        size: 8,
+        ptr: true,
+        ..Default::default()
+    });
+    assert_eq!(c.mmio_read(BAR0, 1), 0x40, "still serving");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let (_, st) = rig.finish();
+    assert!(st.refused >= 3, "{st:?}");
+}

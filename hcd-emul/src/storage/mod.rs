@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use tracing::{trace, warn};
+use tracing::trace;
 
 use crate::mem::DmaError;
 use crate::usb::descriptor::{
@@ -393,7 +393,7 @@ impl UsbStorage {
                 complete_in(xfer, &[0]);
             }
             _ => {
-                warn!(
+                guest_warn!(
                     target: "storage",
                     "unsupported control request {:02x}/{:02x}",
                     s.request_type,
@@ -495,7 +495,7 @@ impl UsbStorage {
         let len = xfer.len();
         xfer.complete(TransferStatus::Success, len);
         let Some(cbw) = cbw else {
-            warn!(target: "storage::bot", "invalid CBW ({len} bytes); stalling until Reset Recovery");
+            guest_warn!(target: "storage::bot", "invalid CBW ({len} bytes); stalling until Reset Recovery");
             self.halt_bulk();
             self.need_reset_recovery = true;
             return;
@@ -562,14 +562,14 @@ impl UsbStorage {
                 xfer.complete(status, moved);
             }
             Err(DmaError::Io) => {
-                warn!(target: "storage::bot", "image read failed; failing the command");
+                guest_warn!(target: "storage::bot", "image read failed; failing the command");
                 self.scsi.set_sense(Sense::READ_ERROR);
                 p.status = bot::STATUS_FAILED;
                 p.dev_len = p.dev_done;
                 xfer.complete(TransferStatus::Stall, 0);
             }
             Err(e) => {
-                warn!(target: "storage::bot", "bulk-in buffer not accessible: {e}");
+                guest_warn!(target: "storage::bot", "bulk-in buffer not accessible: {e}");
                 xfer.complete(TransferStatus::TransactionError, 0);
             }
         }
@@ -597,14 +597,14 @@ impl UsbStorage {
                     return;
                 }
                 Err(DmaError::Io) => {
-                    warn!(target: "storage::bot", "image write failed; failing the command");
+                    guest_warn!(target: "storage::bot", "image write failed; failing the command");
                     self.scsi.set_sense(Sense::WRITE_ERROR);
                     p.status = bot::STATUS_FAILED;
                     // Discard the rest of the phase.
                     p.dev_len = p.dev_done;
                 }
                 Err(e) => {
-                    warn!(target: "storage::bot", "bulk-out buffer not accessible: {e}");
+                    guest_warn!(target: "storage::bot", "bulk-out buffer not accessible: {e}");
                     xfer.complete(TransferStatus::TransactionError, 0);
                     return;
                 }
@@ -636,7 +636,7 @@ impl UsbStorage {
                 self.state = BotState::ExpectCbw;
             }
             Err(e) => {
-                warn!(target: "storage::bot", "CSW buffer not accessible: {e}");
+                guest_warn!(target: "storage::bot", "CSW buffer not accessible: {e}");
                 self.state = BotState::Status(csw);
                 xfer.complete(TransferStatus::TransactionError, 0);
             }
@@ -655,7 +655,7 @@ impl UsbStorage {
         );
         if !known || !matches!(xfer.kind(), TransferKind::Bulk) || self.std.is_halted(addr) {
             if !known {
-                warn!(target: "storage::uas", "transfer on endpoint {addr:#04x} rejected");
+                guest_warn!(target: "storage::uas", "transfer on endpoint {addr:#04x} rejected");
             }
             xfer.complete(TransferStatus::Stall, 0);
             return;
@@ -698,7 +698,7 @@ impl UsbDevice for UsbStorage {
                 self.out_q.push_back(xfer);
             }
             (kind, ep, dir) => {
-                warn!(target: "storage", "transfer {kind:?} on endpoint {ep} {dir:?} rejected");
+                guest_warn!(target: "storage", "transfer {kind:?} on endpoint {ep} {dir:?} rejected");
                 xfer.complete(TransferStatus::Stall, 0);
             }
         }

@@ -9,8 +9,6 @@
 
 use std::fs::File;
 
-use tracing::warn;
-
 /// Logical block size in bytes.
 pub const BLOCK_SIZE: u64 = 512;
 
@@ -251,7 +249,7 @@ impl Scsi {
                 match self.file.sync_data() {
                     Ok(()) => Plan::NoData,
                     Err(e) => {
-                        warn!(target: "storage::scsi", "fdatasync of the image failed: {e}");
+                        guest_warn!(target: "storage::scsi", "fdatasync of the image failed: {e}");
                         Plan::Fail(Sense::WRITE_ERROR)
                     }
                 }

@@ -28,8 +28,6 @@
 
 use std::collections::VecDeque;
 
-use tracing::warn;
-
 use super::bot::{cancel_parked, DevData};
 use super::scsi::{Plan, Scsi, Sense};
 use crate::mem::DmaError;
@@ -237,7 +235,7 @@ impl Uas {
         let len = xfer.len();
         xfer.complete(TransferStatus::Success, len);
         if n < 4 {
-            warn!(target: "storage::uas", "{n}-byte IU on the command pipe ignored");
+            guest_warn!(target: "storage::uas", "{n}-byte IU on the command pipe ignored");
             return;
         }
         let tag = u16::from_be_bytes([b[2], b[3]]);
@@ -245,7 +243,7 @@ impl Uas {
         match b[0] {
             IU_COMMAND if n == COMMAND_IU_LEN => {
                 if self.tasks.iter().any(|t| t.tag == tag) {
-                    warn!(target: "storage::uas", "command with tag {tag} already in progress");
+                    guest_warn!(target: "storage::uas", "command with tag {tag} already in progress");
                     self.replies
                         .push_back((tag, response_iu(tag, rc::OVERLAPPED_TAG)));
                 } else if self.tasks.len() >= MAX_TASKS {
@@ -274,7 +272,7 @@ impl Uas {
                 self.replies.push_back((tag, response_iu(tag, code)));
             }
             id => {
-                warn!(target: "storage::uas", "invalid IU {id:#04x} ({n} bytes) on the command pipe");
+                guest_warn!(target: "storage::uas", "invalid IU {id:#04x} ({n} bytes) on the command pipe");
                 self.replies
                     .push_back((tag, response_iu(tag, rc::INVALID_IU)));
             }
@@ -397,7 +395,7 @@ impl Uas {
                 x.complete(st, moved);
             }
             Err(DmaError::Io) => {
-                warn!(target: "storage::uas", "image I/O failed; failing the command");
+                guest_warn!(target: "storage::uas", "image I/O failed; failing the command");
                 t.fail(if t.dir_in {
                     Sense::READ_ERROR
                 } else {
@@ -406,7 +404,7 @@ impl Uas {
                 x.complete(TransferStatus::ShortPacket, 0);
             }
             Err(e) => {
-                warn!(target: "storage::uas", "data buffer not accessible: {e}");
+                guest_warn!(target: "storage::uas", "data buffer not accessible: {e}");
                 t.fail(Sense::ABORTED);
                 x.complete(TransferStatus::TransactionError, 0);
             }

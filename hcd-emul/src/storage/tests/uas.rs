@@ -366,3 +366,31 @@ fn uas_cancel_reset_and_interface_switch_release_parked_transfers() {
     let s = h.status_on(1);
     assert_eq!(h.done()[&s].status, TransferStatus::Stall);
 }
+
+#[test]
+fn log_flood_from_invalid_uas_ius_is_rate_limited() {
+    let mut h = uas_host(false, image(BLOCKS));
+    let log = LogCounter::default();
+    let t0 = std::time::Instant::now();
+    log.run(|| {
+        for i in 0..100_000u32 {
+            match i % 4 {
+                // Unknown IU type.
+                0 => h.iu(&[0x42, 0, 0, 9]),
+                // Too short to carry a tag.
+                1 => h.iu(&[1, 0]),
+                // A command reusing the tag of one still waiting for data.
+                2 => h.command_iu(7, 0, &cdb10(0x28, 0, 1)),
+                // A transfer on a pipe UAS does not have.
+                _ => h.submit_stream(0x81, 1, vec![seg(status_buf(1), 8)]),
+            };
+            if i % 1000 == 0 {
+                h.results();
+            }
+        }
+    });
+    h.results();
+    log.assert_bounded(t0.elapsed());
+    assert!(log.sites().len() >= 4, "{:?}", log.sites());
+    assert!(h.dev.uas.tasks() <= MAX_TASKS);
+}
