@@ -41,6 +41,35 @@ pub enum DmaError {
     /// Reading or writing the host file failed.
     #[error("host file I/O failed during DMA")]
     Io,
+    /// The memory behind the range went away during the access (a
+    /// vfio-user client shrank the file under its DMA mapping): what was
+    /// read or written is not guest memory.
+    #[error("guest memory at {addr:#x}+{len:#x} vanished during the access")]
+    Vanished {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Memory faults absorbed during guest-memory accesses, process-wide. A
+/// transport whose guest memory can vanish under an access (vfio-user:
+/// the client may truncate the file it mapped) replaces the faulting page
+/// and calls [`note_memory_fault`] from its SIGBUS handler; every access
+/// compares the count before and after and fails with
+/// [`DmaError::Vanished`] if it moved, so the transfer that hit the fault
+/// fails instead of going on with zeros.
+static MEMORY_FAULTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a memory fault absorbed under a guest-memory access (see
+/// [`MEMORY_FAULTS`]). Async-signal-safe: one atomic add.
+pub fn note_memory_fault() {
+    MEMORY_FAULTS.fetch_add(1, Ordering::Release);
+}
+
+fn memory_faults() -> u64 {
+    MEMORY_FAULTS.load(Ordering::Acquire)
 }
 
 /// Maps guest memory on demand: the Xen transport's map cache, where guest
@@ -152,16 +181,17 @@ impl GuestRam {
     ) -> Result<T, DmaError> {
         self.ops.fetch_add(1, Ordering::Relaxed);
         Self::check(addr, len)?;
-        if let Some(v) = f(&self.inner.memory()) {
-            return Ok(v);
-        }
-        if self.mapper.is_some() {
+        let faults = memory_faults();
+        let mut r = f(&self.inner.memory());
+        if r.is_none() && self.mapper.is_some() {
             self.fault(addr, len, &|m| covers(m, addr, len));
-            if let Some(v) = f(&self.inner.memory()) {
-                return Ok(v);
-            }
+            r = f(&self.inner.memory());
         }
-        Err(DmaError::Unmapped { addr, len })
+        match r {
+            _ if memory_faults() != faults => Err(DmaError::Vanished { addr, len }),
+            Some(v) => Ok(v),
+            None => Err(DmaError::Unmapped { addr, len }),
+        }
     }
 
     /// Guest-memory operations (reads, writes, range look-ups) made so far
@@ -294,6 +324,21 @@ impl GuestRam {
         src: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
+        let faults = memory_faults();
+        let r = self.fill_from_inner(&mem, addr, len, src);
+        if memory_faults() != faults {
+            return Err(DmaError::Vanished { addr, len });
+        }
+        r
+    }
+
+    fn fill_from_inner(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        len: usize,
+        src: &mut FileCursor<'_>,
+    ) -> Result<(), DmaError> {
         let mut done = 0;
         while done < len {
             let a = GuestAddress(addr + done as u64);
@@ -346,6 +391,20 @@ impl GuestRam {
         dst: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
+        let faults = memory_faults();
+        let r = Self::drain_to_inner(&mem, addr, len, dst);
+        if memory_faults() != faults {
+            return Err(DmaError::Vanished { addr, len });
+        }
+        r
+    }
+
+    fn drain_to_inner(
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        len: usize,
+        dst: &mut FileCursor<'_>,
+    ) -> Result<(), DmaError> {
         if !dst.bounce {
             let start = dst.off;
             if mem

@@ -596,11 +596,13 @@ mod tests {
         assert_eq!(b, [8; 4]);
         // The client shrinks its file: the pages past the end are gone.
         f.set_len(PAGE).unwrap();
-        // The access during which it happens completes (zeros); the
+        // The access during which it happens fails as a DMA error; the
         // process lives.
-        ram.read(8 * PAGE, &mut b).unwrap();
-        assert_eq!(b, [0; 4]);
-        ram.write(9 * PAGE, &[1, 2, 3]).unwrap();
+        assert!(matches!(
+            ram.read(8 * PAGE, &mut b),
+            Err(hcd_emul::mem::DmaError::Vanished { .. })
+        ));
+        assert!(ram.write(9 * PAGE, &[1, 2, 3]).is_err());
         assert!(m.check_faults(), "the fault was seen");
         m.publish(&ram);
         assert_eq!(m.poisoned, 1);

@@ -7,8 +7,11 @@
 //! address up in a lock-free, fixed-size registry of the guest-memory
 //! mappings [`DmaMap`](super::dma::DmaMap) created. Inside one, it puts an
 //! anonymous zero page over the faulting page (`mmap` `MAP_FIXED`; the
-//! access then completes, reading zeros or writing into the throw-away
-//! page), counts the fault on that mapping and returns. The DMA code then
+//! instruction then completes, reading zeros or writing into the
+//! throw-away page), counts the fault on that mapping and in
+//! [`hcd_emul::mem::note_memory_fault`], and returns: `GuestRam` sees the
+//! count move during the access and fails it with `DmaError::Vanished`,
+//! so the transfer that hit the fault fails. The DMA code then
 //! drops the whole mapping from the guest's memory map ("poisoned"), so
 //! every later access there fails as a DMA error. Outside every registered
 //! range the handler restores the default action and returns: the fault
@@ -112,6 +115,9 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         if p != libc::MAP_FAILED {
             slot.faults.fetch_add(1, Ordering::Relaxed);
             FAULTS.fetch_add(1, Ordering::Release);
+            // The access under way fails as a DMA error (GuestRam compares
+            // this count around every access).
+            hcd_emul::mem::note_memory_fault();
             return;
         }
         break;
