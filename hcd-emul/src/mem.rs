@@ -325,7 +325,7 @@ impl GuestRam {
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
         let faults = memory_faults();
-        let r = self.fill_from_inner(&mem, addr, len, src);
+        let r = Self::fill_from_inner(&mem, addr, len, src);
         if memory_faults() != faults {
             return Err(DmaError::Vanished { addr, len });
         }
@@ -333,7 +333,6 @@ impl GuestRam {
     }
 
     fn fill_from_inner(
-        &self,
         mem: &GuestMemoryMmap,
         addr: u64,
         len: usize,
@@ -343,7 +342,7 @@ impl GuestRam {
         while done < len {
             let a = GuestAddress(addr + done as u64);
             let got = if src.bounce {
-                src.read_bounced(&mem, a, len - done)
+                src.read_bounced(mem, a, len - done)
             } else {
                 mem.read_volatile_from(a, src, len - done).or_else(|_| {
                     // Some files cannot DMA straight into foreign or
@@ -352,7 +351,7 @@ impl GuestRam {
                     // through a buffer from now on. A real I/O error
                     // fails again there.
                     src.bounce = true;
-                    src.read_bounced(&mem, a, len - done)
+                    src.read_bounced(mem, a, len - done)
                 })
             };
             match got {
@@ -421,7 +420,7 @@ impl GuestRam {
         let mut done = 0;
         while done < len {
             let n = dst
-                .write_bounced(&mem, GuestAddress(addr + done as u64), len - done)
+                .write_bounced(mem, GuestAddress(addr + done as u64), len - done)
                 .map_err(|_| DmaError::Io)?;
             done += n;
         }
