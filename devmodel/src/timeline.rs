@@ -60,6 +60,6 @@ pub fn flush() {
         s.push_str(&format!("{us} {} {off:#x} {val:#x}\n", char::from(kind)));
     }
     if let Err(e) = std::fs::write(&t.path, s) {
-        tracing::warn!("timeline: cannot write {}: {e}", t.path);
+        hcd_emul::guest_warn!("timeline: cannot write {}: {e}", t.path);
     }
 }

@@ -44,10 +44,16 @@ impl Default for RateLimit {
 /// `tracing::warn!` at most ten times a second per call site.
 #[macro_export]
 macro_rules! guest_warn {
-    ($($arg:tt)*) => {{
+    (target: $target:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if LIMIT.allow() {
-            tracing::warn!($($arg)*);
+            tracing::event!(target: $target, tracing::Level::WARN, $($arg)+);
+        }
+    }};
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::event!(tracing::Level::WARN, $($arg)+);
         }
     }};
 }
@@ -56,10 +62,16 @@ macro_rules! guest_warn {
 /// notices a guest or client can repeat at will (connects, resets).
 #[macro_export]
 macro_rules! guest_info {
-    ($($arg:tt)*) => {{
+    (target: $target:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if LIMIT.allow() {
-            tracing::info!($($arg)*);
+            tracing::event!(target: $target, tracing::Level::INFO, $($arg)+);
+        }
+    }};
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::event!(tracing::Level::INFO, $($arg)+);
         }
     }};
 }
@@ -69,10 +81,16 @@ macro_rules! guest_info {
 /// stream).
 #[macro_export]
 macro_rules! guest_error {
-    ($($arg:tt)*) => {{
+    (target: $target:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
         if LIMIT.allow() {
-            tracing::error!($($arg)*);
+            tracing::event!(target: $target, tracing::Level::ERROR, $($arg)+);
+        }
+    }};
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::event!(tracing::Level::ERROR, $($arg)+);
         }
     }};
 }

@@ -53,7 +53,7 @@ use hcd_emul::usb::{
 };
 use hcd_emul::HostRange;
 use hcd_emul::{guest_info, guest_warn};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::descriptors::HostDescriptors;
@@ -549,7 +549,7 @@ impl Shared {
             return;
         }
         let refuse = |why: String| {
-            warn!(target: "passthrough", "{} ({}): {why}", info.port, self.rule);
+            guest_warn!(target: "passthrough", "{} ({}): {why}", info.port, self.rule);
             lock(&self.inner).refused = Some((info.bus, info.addr));
         };
         let fd = match Usbfs::open(&self.opts.devfs, info.bus, info.addr) {

@@ -74,7 +74,9 @@ pub fn install() {
             sa.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
-                tracing::error!(
+                // Once per process, never guest-triggered: not rate-limited.
+                tracing::event!(
+                    tracing::Level::ERROR,
                     "vfio-user: cannot install the SIGBUS handler: {}",
                     std::io::Error::last_os_error()
                 );

@@ -246,8 +246,10 @@ impl ConfigSpace {
             if (VENDOR_START..PM_CAP).contains(&off) || off >= CAPS_END {
                 cs.init_u8(off, value, wmask, 0);
             } else {
-                tracing::warn!(
+                // Set-up only, never guest-triggered: not rate-limited.
+                tracing::event!(
                     target: "pci::config",
+                    tracing::Level::WARN,
                     "vendor config byte at {off:#x} collides with the header or capabilities; ignored"
                 );
             }

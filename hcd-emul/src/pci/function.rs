@@ -685,7 +685,8 @@ fn normalize_bars(bars: &[BarInfo]) -> Vec<BarInfo> {
             BarKind::Memory64 => bar.size.max(MIN_MEMORY_BAR).checked_next_power_of_two(),
         };
         let (true, Some(size)) = (free, size) else {
-            tracing::warn!(target: "pci", ?bar, "invalid or overlapping BAR; not exposed");
+            // Set-up only, never guest-triggered: not rate-limited.
+            tracing::event!(target: "pci", tracing::Level::WARN, ?bar, "invalid or overlapping BAR; not exposed");
             continue;
         };
         for s in slot..slot + slots {
@@ -713,7 +714,8 @@ fn normalize_msix(m: MsixLayout, bars: &[BarInfo]) -> Option<MsixLayout> {
         && m.pba_offset & 0x7 == 0
         && bar.is_some_and(|b| table_end <= b.size && pba_end <= b.size);
     if !ok {
-        tracing::warn!(target: "pci", ?m, "invalid MSI-X layout; MSI-X not exposed");
+        // Set-up only, never guest-triggered: not rate-limited.
+        tracing::event!(target: "pci", tracing::Level::WARN, ?m, "invalid MSI-X layout; MSI-X not exposed");
         return None;
     }
     Some(m)
