@@ -577,3 +577,88 @@ fn address_device_retarget_cancels_ep0_tds_on_the_old_device() {
     assert_eq!(st_a.lock().unwrap().outstanding, 0);
     assert!(st_b.lock().unwrap().cancels.is_empty());
 }
+
+/// The worst single TD: 1,023 chained one-byte Normal TRBs, each reached
+/// through 31 Link TRBs, each to its own buffer (a maximal scatter list),
+/// endlessly; and beside it a command ring looping over every command
+/// type. No access or wake-up goes past the stated bound.
+#[test]
+fn maximal_scatter_lists_and_every_command_stay_within_the_bound() {
+    on_small_stack(|| {
+        let (mut d, slot, _) = bring_up(FakeDevice::new(Speed::High).0);
+        assert_eq!(
+            d.configure(slot, &[(BULK_OUT, ep_type::BULK_OUT, 512, 0)]),
+            cc::SUCCESS
+        );
+        let n_trbs = TRBS_PER_TD - 1;
+        let links = LINK_LIMIT - 1;
+        let ring = d.alloc((16 * (links + 1) * n_trbs + 16) as u64, 64);
+        let bufs = d.alloc(2 * n_trbs as u64, 64);
+        let mut at = ring;
+        for i in 0..n_trbs {
+            for _ in 0..links {
+                write_trb(&d, at, trb(ty::LINK, at + 16, 0, 0));
+                at += 16;
+            }
+            let last = i == n_trbs - 1;
+            let flags = if last { ctl::IOC } else { ctl::CHAIN };
+            write_trb(&d, at, trb(ty::NORMAL, bufs + 2 * i as u64, 1, flags));
+            at += 16;
+        }
+        write_trb(&d, at, trb(ty::LINK, ring, 0, 0));
+        // Point the endpoint's dequeue pointer at it.
+        let (code, _) = d.command(Trb {
+            parameter: 0,
+            status: 0,
+            control: (ty::STOP_ENDPOINT << 10) | ((BULK_OUT as u32) << 16) | ((slot as u32) << 24),
+        });
+        assert_eq!(code, cc::SUCCESS);
+        let (code, _) = d.command(Trb {
+            parameter: ring | 1,
+            status: 0,
+            control: (ty::SET_TR_DEQUEUE << 10) | ((BULK_OUT as u32) << 16) | ((slot as u32) << 24),
+        });
+        assert_eq!(code, cc::SUCCESS);
+        let n = ops(&mut d, |d| d.ring_doorbell(slot, BULK_OUT));
+        assert!(n <= MAX_OPS_PER_ACCESS, "doorbell cost {n}");
+        assert!(
+            n > WORK_PER_ACCESS,
+            "one such TD alone is over the budget: {n}"
+        );
+        // Every command type, looping.
+        let inp = d.slots[&slot].in_ctx;
+        let cr = d.alloc(16 * 32, 64);
+        let s = (slot as u32) << 24;
+        let ep = (BULK_OUT as u32) << 16;
+        let cmds = [
+            trb(ty::ENABLE_SLOT, 0, 0, 0),
+            trb(ty::ADDRESS_DEVICE, inp, 0, s | ctl::BSR),
+            trb(ty::CONFIGURE_ENDPOINT, inp, 0, s),
+            trb(ty::CONFIGURE_ENDPOINT, 0, 0, s | ctl::DC),
+            trb(ty::EVALUATE_CONTEXT, inp, 0, s),
+            trb(ty::STOP_ENDPOINT, 0, 0, s | ep),
+            trb(ty::SET_TR_DEQUEUE, ring | 1, 0, s | ep),
+            trb(ty::RESET_ENDPOINT, 0, 0, s | ep),
+            trb(ty::RESET_DEVICE, 0, 0, s),
+            trb(ty::NOOP_COMMAND, 0, 0, 0),
+            trb(ty::DISABLE_SLOT, 0, 0, (2 << 24)),
+            trb(ty::NORMAL, 0, 0, 0), // not a command: TRB Error
+            trb(ty::LINK, cr, 0, 0),
+        ];
+        for (i, c) in cmds.iter().enumerate() {
+            write_trb(&d, cr + 16 * i as u64, *c);
+        }
+        let op = d.op();
+        d.w64(op + OP_CRCR, CRCR_CA);
+        d.poll_events();
+        d.w64(op + OP_CRCR, cr | 1);
+        let n = ops(&mut d, |d| d.ring_doorbell(0, 0));
+        assert!(n <= MAX_OPS_PER_ACCESS, "command doorbell cost {n}");
+        for _ in 0..100 {
+            let n = ops(&mut d, |d| d.pci.process());
+            assert!(n <= MAX_OPS_PER_ACCESS, "wake-up cost {n}");
+            d.poll_events();
+        }
+        assert!(work_left(&d), "the loops go on, one budget at a time");
+    });
+}
