@@ -12,7 +12,7 @@
 #![no_main]
 
 use hcd_emul::usb::descriptor::{parse_config, parse_string, DeviceDescriptor};
-use hcd_emul_fuzz::on_small_stack;
+use hcd_emul_fuzz::run_small_stack;
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use passthrough::descriptors::{dt, HostDescriptors};
@@ -217,5 +217,5 @@ fn run(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    on_small_stack(|| run(data));
+    run_small_stack(data, run);
 });

@@ -25,7 +25,7 @@ use hcd_emul::usb::{
     TransferKind, UsbDevice,
 };
 use hcd_emul::{GuestRam, UsbStorage};
-use hcd_emul_fuzz::{image, on_small_stack};
+use hcd_emul_fuzz::{image, run_small_stack};
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -459,5 +459,5 @@ fn step(h: &mut Host, u: &mut Unstructured, uas: bool) -> AResult<()> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    on_small_stack(|| run(data));
+    run_small_stack(data, run);
 });

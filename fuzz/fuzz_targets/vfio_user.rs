@@ -36,7 +36,7 @@ use hcd_emul::usb::Speed;
 use hcd_emul::xhci::regs::BAR0_SIZE;
 use hcd_emul::xhci::Xhci;
 use hcd_emul::UsbStorage;
-use hcd_emul_fuzz::{image, on_small_stack, shm_file};
+use hcd_emul_fuzz::{image, run_small_stack, shm_file};
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -448,5 +448,5 @@ fn run(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    on_small_stack(|| run(data));
+    run_small_stack(data, run);
 });

@@ -32,7 +32,7 @@ use hcd_emul::usb::Speed;
 use hcd_emul::xhci::regs::*;
 use hcd_emul::xhci::Xhci;
 use hcd_emul::UsbStorage;
-use hcd_emul_fuzz::{image, on_small_stack};
+use hcd_emul_fuzz::{image, run_small_stack};
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, MmapRegion, VolatileMemory};
@@ -305,5 +305,5 @@ fn run(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    on_small_stack(|| run(data));
+    run_small_stack(data, run);
 });

@@ -16,7 +16,7 @@ use hcd_emul::usb::Speed;
 use hcd_emul::xhci::regs::*;
 use hcd_emul::xhci::Xhci;
 use hcd_emul::{GuestRam, UsbStorage};
-use hcd_emul_fuzz::on_small_stack;
+use hcd_emul_fuzz::run_small_stack;
 use libfuzzer_sys::fuzz_target;
 
 const RAM: usize = 256 << 10;
@@ -69,7 +69,7 @@ fn w32(pci: &mut PciFunction<Xhci>, off: u64, v: u32) {
 
 fuzz_target!(|data: &[u8]| {
     // On a 256 KiB stack: runaway recursion crashes the input (lib.rs).
-    on_small_stack(|| run(data));
+    run_small_stack(data, run);
 });
 
 fn run(data: &[u8]) {

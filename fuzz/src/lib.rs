@@ -1,6 +1,6 @@
 //! Shared helpers of the fuzz targets.
 //!
-//! Every target runs its body through [`on_small_stack`]: libFuzzer calls
+//! Every target runs its body through [`run_small_stack`]: libFuzzer calls
 //! the target on the process's main thread, whose stack is the 8 MiB of
 //! `ulimit -s`, so runaway recursion would need a very deep input to be
 //! noticed. On a thread with a [`STACK`]-byte stack it overflows quickly;
@@ -10,27 +10,54 @@
 //! test spawns itself, not the thread libFuzzer runs the target on.)
 
 use std::fs::File;
-use std::sync::OnceLock;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
 
-/// Stack of the thread the code under test runs on. The deepest legitimate
-/// call chains (xHCI doorbell -> ring -> device -> SCSI, with the extra
-/// stack sanitizers use) need a few tens of KiB.
+/// Stack of the thread the code under test runs on: a 32nd of the main
+/// thread's. Legitimate inputs of every target run within it (with ASan's
+/// larger frames), so an overflow is a finding.
 pub const STACK: usize = 256 << 10;
 
-/// Runs `f` on a fresh thread with a [`STACK`]-byte stack and waits for it.
-/// A panic in `f` is re-raised here (the panic hook of `fuzz_target!`
-/// already aborts on the first one, in any thread).
-pub fn on_small_stack<F: FnOnce() + Send>(f: F) {
-    std::thread::scope(|s| {
-        let h = std::thread::Builder::new()
+type Job = (Vec<u8>, fn(&[u8]));
+
+/// One long-lived thread with a [`STACK`]-byte stack that runs the inputs
+/// (spawning a thread per input costs more than some targets' bodies).
+struct Worker {
+    jobs: Sender<Job>,
+    done: Receiver<()>,
+}
+
+/// Runs `body(data)` on the process's small-stack worker thread and waits
+/// for it. A panic there aborts the process (the panic hook of
+/// `fuzz_target!` aborts on the first one, in any thread); a stack
+/// overflow aborts it too.
+pub fn run_small_stack(data: &[u8], body: fn(&[u8])) {
+    static W: OnceLock<Mutex<Worker>> = OnceLock::new();
+    let w = W.get_or_init(|| {
+        let (jobs, rx) = channel::<Job>();
+        let (tx, done) = channel();
+        std::thread::Builder::new()
             .name("fuzz-body".into())
             .stack_size(STACK)
-            .spawn_scoped(s, f)
+            .spawn(move || {
+                for (data, body) in rx {
+                    body(&data);
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            })
             .expect("spawning the fuzz thread");
-        if let Err(p) = h.join() {
-            std::panic::resume_unwind(p);
-        }
+        Mutex::new(Worker { jobs, done })
     });
+    let w = w.lock().unwrap_or_else(|e| e.into_inner());
+    w.jobs
+        .send((data.to_vec(), body))
+        .expect("fuzz thread gone");
+    if w.done.recv().is_err() {
+        // The body panicked without the aborting hook (not under libFuzzer).
+        panic!("fuzz body panicked");
+    }
 }
 
 /// A new unlinked file of `len` bytes (sparse), in /dev/shm when there is
