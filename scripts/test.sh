@@ -13,6 +13,8 @@ echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 echo "== cargo test"
 cargo test --workspace
+echo "== fuzz smoke"
+bash scripts/fuzz-smoke.sh
 echo "== guest matrix (stock Debian kernels drive our xHCI over vfio-user)"
 tests/guest/run-matrix.sh
 echo "== passthrough (QEMU's USB devices, real to a VM's usbfs, through our xHCI)"

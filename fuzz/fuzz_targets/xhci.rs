@@ -16,6 +16,7 @@ use hcd_emul::usb::Speed;
 use hcd_emul::xhci::regs::*;
 use hcd_emul::xhci::Xhci;
 use hcd_emul::{GuestRam, UsbStorage};
+use hcd_emul_fuzz::run_small_stack;
 use libfuzzer_sys::fuzz_target;
 
 const RAM: usize = 256 << 10;
@@ -40,8 +41,18 @@ fn stick(speed: Speed) -> Option<Box<UsbStorage>> {
 
 fn tempfile_like() -> Option<std::fs::File> {
     // An unlinked file in /tmp: no extra dependency needed.
-    let p = std::env::temp_dir().join(format!("xhci-fuzz-{}-{}", std::process::id(), rand_suffix()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).ok()?;
+    let p = std::env::temp_dir().join(format!(
+        "xhci-fuzz-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .ok()?;
     let _ = std::fs::remove_file(&p);
     Some(f)
 }
@@ -57,6 +68,11 @@ fn w32(pci: &mut PciFunction<Xhci>, off: u64, v: u32) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // On a 256 KiB stack: runaway recursion crashes the input (lib.rs).
+    run_small_stack(data, run);
+});
+
+fn run(data: &[u8]) {
     let ram = GuestRam::anonymous(RAM);
     let seed = (data.len() / 2).min(SEED);
     let _ = ram.write(0, &data[..seed]);
@@ -108,7 +124,11 @@ fuzz_target!(|data: &[u8]| {
                 let port = (a % MAX_PORTS as u64) as usize + 1;
                 let x = pci.controller_mut();
                 if x.detach(port).is_none() {
-                    let speed = if port > USB2_PORTS { Speed::Super } else { Speed::High };
+                    let speed = if port > USB2_PORTS {
+                        Speed::Super
+                    } else {
+                        Speed::High
+                    };
                     if let Some(s) = stick(speed) {
                         let _ = x.attach_at(port, s);
                     }
@@ -139,4 +159,4 @@ fuzz_target!(|data: &[u8]| {
     // Teardown in any state must not panic or leak.
     pci.reset();
     assert_eq!(pci.controller().transfers_in_flight(), 0);
-});
+}

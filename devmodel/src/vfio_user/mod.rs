@@ -16,6 +16,9 @@
 //! device, and a second client is refused with a logged error.
 
 pub mod dma;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod irq;
 mod proto;
 mod sigbus;

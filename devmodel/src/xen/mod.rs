@@ -13,6 +13,12 @@
 pub mod abi;
 #[cfg(test)]
 mod fake;
+/// The simulated hypervisor, for the `xen_ioreq` fuzz target.
+#[cfg(all(feature = "fuzzing", not(test)))]
+#[doc(hidden)]
+#[allow(missing_docs)]
+#[path = "fake.rs"]
+pub mod fake;
 pub mod hv;
 pub mod mapcache;
 pub mod server;
