@@ -198,7 +198,7 @@ fn run(data: &[u8]) {
     // Prelude through vCPU 0: BAR 0, decoding + bus master, xHCI bring-up.
     let do_req = |server: &mut XenServer<Xhci>, r: Req| {
         post(&page, 0, r, abi::STATE_IOREQ_READY);
-        bus.fire(FakeXen::remote_port(0));
+        let _ = bus.try_fire(FakeXen::remote_port(0));
         server.serve_ports();
         ack(&page, 0);
     };
@@ -257,14 +257,16 @@ fn run(data: &[u8]) {
                 };
                 post(&page, v, r, st);
                 if u.ratio(7u8, 8).unwrap_or(true) {
-                    bus.fire(FakeXen::remote_port(v));
+                    let _ = bus.try_fire(FakeXen::remote_port(v));
                 }
                 if u.ratio(3u8, 4).unwrap_or(true) {
                     server.serve_ports();
                     ack(&page, v);
                 }
             }
-            9 => bus.fire(FakeXen::remote_port(v)),
+            9 => {
+                let _ = bus.try_fire(FakeXen::remote_port(v));
+            }
             10 | 11 => server.serve_ports(),
             12 => {
                 for w in 0..vcpus {
