@@ -2,6 +2,7 @@
 //! independent implementation of the protocol) and against raw, malformed
 //! messages.
 
+use hcd_emul::ratelimit::LogCounter;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -582,28 +583,6 @@ fn hostile_dma_map_and_unmap_messages_are_answered() {
     assert_eq!(unmap(&mut s, 9, 0, u64::MAX), 0, "everything");
 }
 
-/// Counts INFO/WARN/ERROR events per call site (file:line).
-#[derive(Clone, Default)]
-struct LogCounter(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
-
-impl tracing::Subscriber for LogCounter {
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        *m.level() <= tracing::Level::INFO
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let m = e.metadata();
-        let site = format!("{}:{}", m.file().unwrap_or("?"), m.line().unwrap_or(0));
-        *self.0.lock().unwrap().entry(site).or_default() += 1;
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 /// Every line a client can provoke goes through the rate limiter: a
 /// flood of bad commands, failing maps, refused second clients and
 /// reconnects logs at most 10 lines a second per call site.
@@ -639,7 +618,7 @@ fn log_flood_from_a_hostile_client_is_rate_limited() {
     }
     drop(srv);
     let elapsed = t0.elapsed();
-    let sites = log.0.lock().unwrap().clone();
+    let sites = log.sites();
     let cap = 10 * (elapsed.as_secs() as usize + 2);
     // The limiter is per call site and process-wide: other tests running
     // at the same time may have used a site's budget for this second, so

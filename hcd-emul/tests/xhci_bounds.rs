@@ -84,11 +84,7 @@ fn endless_ring(d: &mut Driver, slot: usize) -> u64 {
 }
 
 fn write_trb(d: &Driver, at: u64, t: Trb) {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&t.parameter.to_le_bytes());
-    b[8..12].copy_from_slice(&t.status.to_le_bytes());
-    b[12..].copy_from_slice(&t.control.to_le_bytes());
-    d.ram.write(at, &b).unwrap();
+    d.write_trb(at, t.parameter, t.status, t.control);
 }
 
 fn work_left(d: &Driver) -> bool {
@@ -417,44 +413,15 @@ fn stack_overflow_from_one_doorbell() {
 #[test]
 fn second_slot_on_an_owned_port_fails_like_qemu() {
     let (mut d, _slot, port) = bring_up(FakeDevice::new(Speed::High).0);
-    let (code, slot2) = d.command(Trb {
-        parameter: 0,
-        status: 0,
-        control: ty::ENABLE_SLOT << 10,
-    });
-    assert_eq!(code, cc::SUCCESS);
     let out = d.alloc(32 * 32, 64);
-    d.ram
-        .write(d.dcbaa + 8 * slot2 as u64, &out.to_le_bytes())
-        .unwrap();
+    let slot2 = d.enable_slot(out);
     let inp = d.alloc(33 * 32, 64);
     let ring = d.alloc(16 * 16, 64);
-    d.write_ctx(inp, 0, [0, 3, 0, 0, 0, 0, 0, 0]);
-    d.write_ctx(
-        inp,
-        1,
-        [(1 << 27) | (3 << 20), (port as u32) << 16, 0, 0, 0, 0, 0, 0],
+    assert_eq!(
+        d.address_device(slot2, port, inp, ring, false),
+        cc::TRB_ERROR,
+        "two slots must not drive one port"
     );
-    d.write_ctx(
-        inp,
-        2,
-        [
-            0,
-            (3 << 1) | (4 << 3) | (64 << 16),
-            ring as u32 | 1,
-            0,
-            8,
-            0,
-            0,
-            0,
-        ],
-    );
-    let (code, _) = d.command(Trb {
-        parameter: inp,
-        status: 0,
-        control: (ty::ADDRESS_DEVICE << 10) | ((slot2 as u32) << 24),
-    });
-    assert_eq!(code, cc::TRB_ERROR, "two slots must not drive one port");
 }
 
 #[test]
@@ -515,64 +482,23 @@ fn address_device_retarget_cancels_ep0_tds_on_the_old_device() {
     d.start();
     d.reset_port(port_a);
     d.reset_port(port_b);
-    let (code, slot) = d.command(Trb {
-        parameter: 0,
-        status: 0,
-        control: ty::ENABLE_SLOT << 10,
-    });
-    assert_eq!(code, cc::SUCCESS);
     let out = d.alloc(32 * 32, 64);
-    d.ram
-        .write(d.dcbaa + 8 * slot as u64, &out.to_le_bytes())
-        .unwrap();
+    let slot = d.enable_slot(out);
     let inp = d.alloc(33 * 32, 64);
     let ring = d.alloc(16 * 32, 64);
-    let address = |d: &mut Driver, port: usize, bsr: bool| {
-        d.write_ctx(inp, 0, [0, 3, 0, 0, 0, 0, 0, 0]);
-        d.write_ctx(
-            inp,
-            1,
-            [(1 << 27) | (3 << 20), (port as u32) << 16, 0, 0, 0, 0, 0, 0],
-        );
-        d.write_ctx(
-            inp,
-            2,
-            [
-                0,
-                (3 << 1) | (4 << 3) | (64 << 16),
-                ring as u32 | 1,
-                0,
-                8,
-                0,
-                0,
-                0,
-            ],
-        );
-        d.command(Trb {
-            parameter: inp,
-            status: 0,
-            control: (ty::ADDRESS_DEVICE << 10)
-                | ((slot as u32) << 24)
-                | if bsr { ctl::BSR } else { 0 },
-        })
-        .0
-    };
     // Default state on port A (BSR), with a GET_DESCRIPTOR in flight
     // there.
-    assert_eq!(address(&mut d, port_a, true), cc::SUCCESS);
+    assert_eq!(d.address_device(slot, port_a, inp, ring, true), cc::SUCCESS);
     let buf = d.alloc(64, 64);
-    write_trb(
-        &d,
-        ring,
-        trb(ty::SETUP, 0x0040_0000_0100_0680, 8, ctl::IDT | (3 << 16)),
-    );
-    write_trb(&d, ring + 16, trb(ty::DATA, buf, 64, ctl::DIR_IN));
-    write_trb(&d, ring + 32, trb(ty::STATUS, 0, 0, ctl::IOC));
+    d.write_get_descriptor_td(ring, buf);
     d.ring_doorbell(slot, 1);
     assert_eq!(st_a.lock().unwrap().outstanding, 1);
     // Address Device again, now for port B: A's transfer is cancelled at
     // A, and nothing of it goes to B.
-    assert_eq!(address(&mut d, port_b, false), cc::SUCCESS);
+    assert_eq!(
+        d.address_device(slot, port_b, inp, ring, false),
+        cc::SUCCESS
+    );
     assert_eq!(st_a.lock().unwrap().cancels.len(), 1);
     assert_eq!(st_a.lock().unwrap().outstanding, 0);
     assert!(st_b.lock().unwrap().cancels.is_empty());
@@ -641,7 +567,7 @@ fn maximal_scatter_lists_and_every_command_stay_within_the_bound() {
             trb(ty::RESET_ENDPOINT, 0, 0, s | ep),
             trb(ty::RESET_DEVICE, 0, 0, s),
             trb(ty::NOOP_COMMAND, 0, 0, 0),
-            trb(ty::DISABLE_SLOT, 0, 0, (2 << 24)),
+            trb(ty::DISABLE_SLOT, 0, 0, 2 << 24),
             trb(ty::NORMAL, 0, 0, 0), // not a command: TRB Error
             trb(ty::LINK, cr, 0, 0),
         ];

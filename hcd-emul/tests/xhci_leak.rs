@@ -9,15 +9,7 @@ use std::sync::Arc;
 use common::fake::FakeDevice;
 use common::Driver;
 use hcd_emul::usb::Speed;
-use hcd_emul::xhci::trb::{cc, ctl, ty, Trb};
-
-fn write_trb(d: &Driver, at: u64, parameter: u64, status: u32, control: u32) {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&parameter.to_le_bytes());
-    b[8..12].copy_from_slice(&status.to_le_bytes());
-    b[12..].copy_from_slice(&(control | ctl::CYCLE).to_le_bytes());
-    d.ram.write(at, &b).unwrap();
-}
+use hcd_emul::xhci::trb::{cc, ty, Trb};
 
 /// Resident set size of this process, in KiB.
 fn rss_kib() -> u64 {
@@ -41,46 +33,10 @@ fn attach_detach_1000_times_keeps_memory_flat() {
         dev.park_control = true;
         let port = d.pci.controller_mut().attach(Box::new(dev)).unwrap();
         d.reset_port(port);
-        let (code, slot) = d.command(Trb {
-            parameter: 0,
-            status: 0,
-            control: ty::ENABLE_SLOT << 10,
-        });
-        assert_eq!(code, cc::SUCCESS);
-        d.ram
-            .write(d.dcbaa + 8 * slot as u64, &out.to_le_bytes())
-            .unwrap();
+        let slot = d.enable_slot(out);
         d.ram.write(ring, &[0u8; 16 * 32]).unwrap();
-        d.write_ctx(inp, 0, [0, 3, 0, 0, 0, 0, 0, 0]);
-        d.write_ctx(
-            inp,
-            1,
-            [(1 << 27) | (3 << 20), (port as u32) << 16, 0, 0, 0, 0, 0, 0],
-        );
-        d.write_ctx(
-            inp,
-            2,
-            [
-                0,
-                (3 << 1) | (4 << 3) | (64 << 16),
-                ring as u32 | 1,
-                0,
-                8,
-                0,
-                0,
-                0,
-            ],
-        );
-        let (code, _) = d.command(Trb {
-            parameter: inp,
-            status: 0,
-            control: (ty::ADDRESS_DEVICE << 10) | ((slot as u32) << 24),
-        });
-        assert_eq!(code, cc::SUCCESS);
-        let setup = (ty::SETUP << 10) | ctl::IDT | (3 << 16);
-        write_trb(d, ring, 0x0040_0000_0100_0680, 8, setup);
-        write_trb(d, ring + 16, buf, 64, (ty::DATA << 10) | ctl::DIR_IN);
-        write_trb(d, ring + 32, 0, 0, (ty::STATUS << 10) | ctl::IOC);
+        assert_eq!(d.address_device(slot, port, inp, ring, false), cc::SUCCESS);
+        d.write_get_descriptor_td(ring, buf);
         d.ring_doorbell(slot, 1);
         assert_eq!(st.lock().unwrap().outstanding, 1);
         // Unplugged with the transfer in flight: it fails, the device is

@@ -454,6 +454,70 @@ impl Driver {
         slot
     }
 
+    /// Enable Slot; the slot's output context at `out` in the DCBAA.
+    pub fn enable_slot(&mut self, out: u64) -> usize {
+        let (code, slot) = self.command(Trb {
+            parameter: 0,
+            status: 0,
+            control: ty::ENABLE_SLOT << 10,
+        });
+        assert_eq!(code, cc::SUCCESS, "enable slot");
+        self.ram
+            .write(self.dcbaa + 8 * slot as u64, &out.to_le_bytes())
+            .unwrap();
+        slot
+    }
+
+    /// Address Device of `slot` for a high-speed device on `port`, EP0
+    /// ring at `ring`, input context at `inp` (33 x 32 bytes); returns the
+    /// completion code.
+    pub fn address_device(
+        &mut self,
+        slot: usize,
+        port: usize,
+        inp: u64,
+        ring: u64,
+        bsr: bool,
+    ) -> u32 {
+        self.write_ctx(inp, 0, [0, 3, 0, 0, 0, 0, 0, 0]);
+        self.write_ctx(
+            inp,
+            1,
+            [(1 << 27) | (3 << 20), (port as u32) << 16, 0, 0, 0, 0, 0, 0],
+        );
+        let ep0 = (3 << 1) | (4 << 3) | (64 << 16);
+        self.write_ctx(
+            inp,
+            2,
+            [0, ep0, ring as u32 | 1, (ring >> 32) as u32, 8, 0, 0, 0],
+        );
+        let bsr = if bsr { ctl::BSR } else { 0 };
+        self.command(Trb {
+            parameter: inp,
+            status: 0,
+            control: (ty::ADDRESS_DEVICE << 10) | ((slot as u32) << 24) | bsr,
+        })
+        .0
+    }
+
+    /// Writes one TRB (cycle bit set) at `at`.
+    pub fn write_trb(&self, at: u64, parameter: u64, status: u32, control: u32) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&parameter.to_le_bytes());
+        b[8..12].copy_from_slice(&status.to_le_bytes());
+        b[12..].copy_from_slice(&(control | ctl::CYCLE).to_le_bytes());
+        self.ram.write(at, &b).unwrap();
+    }
+
+    /// A GET_DESCRIPTOR(DEVICE) control TD at `ring` (three TRBs) into
+    /// `buf`.
+    pub fn write_get_descriptor_td(&self, ring: u64, buf: u64) {
+        let setup = (ty::SETUP << 10) | ctl::IDT | (3 << 16);
+        self.write_trb(ring, 0x0040_0000_0100_0680, 8, setup);
+        self.write_trb(ring + 16, buf, 64, (ty::DATA << 10) | ctl::DIR_IN);
+        self.write_trb(ring + 32, 0, 0, (ty::STATUS << 10) | ctl::IOC);
+    }
+
     pub fn write_ctx(&self, base: u64, index: u64, d: [u32; 8]) {
         let mut b = [0u8; 32];
         for (i, v) in d.iter().enumerate() {

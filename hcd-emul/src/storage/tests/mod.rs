@@ -792,54 +792,7 @@ fn reset_and_cancel_complete_parked_transfers() {
 
 mod uas;
 
-/// Counts INFO/WARN/ERROR events per call site (file:line) on the thread
-/// it is installed on (`tracing::subscriber::with_default`).
-#[derive(Clone, Default)]
-pub(super) struct LogCounter(
-    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-);
-
-impl LogCounter {
-    /// Runs `f` with this counter as the thread's subscriber.
-    pub(super) fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        tracing::subscriber::with_default(self.clone(), f)
-    }
-
-    /// Lines counted per call site.
-    pub(super) fn sites(&self) -> std::collections::HashMap<String, usize> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Asserts that no call site logged more than the rate limiter allows
-    /// over `elapsed` (10 a second, per started wall-clock second), and
-    /// that something was logged at all (the flood did reach a log site).
-    pub(super) fn assert_bounded(&self, elapsed: std::time::Duration) {
-        let sites = self.sites();
-        assert!(!sites.is_empty(), "the flood reached no log site");
-        let cap = 10 * (elapsed.as_secs() as usize + 2);
-        for (site, n) in &sites {
-            assert!(*n <= cap, "{site}: {n} lines in {elapsed:?} (cap {cap})");
-        }
-    }
-}
-
-impl tracing::Subscriber for LogCounter {
-    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        *m.level() <= tracing::Level::INFO
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        let m = e.metadata();
-        let site = format!("{}:{}", m.file().unwrap_or("?"), m.line().unwrap_or(0));
-        *self.0.lock().unwrap().entry(site).or_default() += 1;
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
+pub(super) use crate::ratelimit::LogCounter;
 
 #[test]
 fn log_flood_from_bad_cbws_and_bad_requests_is_rate_limited() {
