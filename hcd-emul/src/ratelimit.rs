@@ -41,39 +41,41 @@ impl Default for RateLimit {
     }
 }
 
+/// A `tracing` event at `$level`, at most ten times a second per call
+/// site (the common body of [`guest_warn!`], [`guest_info!`] and
+/// [`guest_error!`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! guest_event {
+    ($level:expr, target: $target:expr, $($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::event!(target: $target, $level, $($arg)+);
+        }
+    }};
+    ($level:expr, $($arg:tt)+) => {{
+        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
+        if LIMIT.allow() {
+            tracing::event!($level, $($arg)+);
+        }
+    }};
+}
+
 /// `tracing::warn!` at most ten times a second per call site.
 #[macro_export]
 macro_rules! guest_warn {
-    (target: $target:expr, $($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(target: $target, tracing::Level::WARN, $($arg)+);
-        }
-    }};
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(tracing::Level::WARN, $($arg)+);
-        }
-    }};
+    ($($arg:tt)+) => {
+        $crate::guest_event!(tracing::Level::WARN, $($arg)+)
+    };
 }
 
 /// `tracing::info!` at most ten times a second per call site: for
 /// notices a guest or client can repeat at will (connects, resets).
 #[macro_export]
 macro_rules! guest_info {
-    (target: $target:expr, $($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(target: $target, tracing::Level::INFO, $($arg)+);
-        }
-    }};
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(tracing::Level::INFO, $($arg)+);
-        }
-    }};
+    ($($arg:tt)+) => {
+        $crate::guest_event!(tracing::Level::INFO, $($arg)+)
+    };
 }
 
 /// `tracing::error!` at most ten times a second per call site: for errors
@@ -81,18 +83,9 @@ macro_rules! guest_info {
 /// stream).
 #[macro_export]
 macro_rules! guest_error {
-    (target: $target:expr, $($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(target: $target, tracing::Level::ERROR, $($arg)+);
-        }
-    }};
-    ($($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
-            tracing::event!(tracing::Level::ERROR, $($arg)+);
-        }
-    }};
+    ($($arg:tt)+) => {
+        $crate::guest_event!(tracing::Level::ERROR, $($arg)+)
+    };
 }
 
 /// Counts INFO/WARN/ERROR events per call site (file:line) where it is the

@@ -87,6 +87,27 @@ fn write_trb(d: &Driver, at: u64, t: Trb) {
     d.write_trb(at, t.parameter, t.status, t.control);
 }
 
+/// Points the command ring at `cmds` (written at `cr`, the last one
+/// expected to be a Link back to `cr`), rings doorbell 0 and runs 50
+/// wake-ups, asserting each costs at most `bound` operations.
+fn run_command_loop(d: &mut Driver, cr: u64, cmds: &[Trb], bound: u64) {
+    for (i, c) in cmds.iter().enumerate() {
+        write_trb(d, cr + 16 * i as u64, *c);
+    }
+    let op = d.op();
+    // The old ring is aborted, then CRCR points at the loop.
+    d.w64(op + OP_CRCR, CRCR_CA);
+    d.poll_events();
+    d.w64(op + OP_CRCR, cr | 1);
+    let n = ops(d, |d| d.ring_doorbell(0, 0));
+    assert!(n <= bound, "command doorbell cost {n}");
+    for _ in 0..50 {
+        let n = ops(d, |d| d.pci.process());
+        assert!(n <= bound, "wake-up cost {n}");
+        d.poll_events();
+    }
+}
+
 fn work_left(d: &Driver) -> bool {
     d.pci
         .next_deadline()
@@ -195,22 +216,7 @@ fn endless_well_formed_tds_and_command_ring_loops_of_expensive_commands() {
             trb(ty::NOOP_COMMAND, 0, 0, 0),
             trb(ty::LINK, cr, 0, 0),
         ];
-        for (i, c) in cmds.iter().enumerate() {
-            write_trb(&d, cr + 16 * i as u64, *c);
-        }
-        let op = d.op();
-        // Stop the command ring Linux-style is not possible while it
-        // loops; point CRCR at the loop after aborting the old ring.
-        d.w64(op + OP_CRCR, CRCR_CA);
-        d.poll_events();
-        d.w64(op + OP_CRCR, cr | 1);
-        let n = ops(&mut d, |d| d.ring_doorbell(0, 0));
-        assert!(n <= SMALL_UNITS_BOUND, "command doorbell cost {n}");
-        for _ in 0..50 {
-            let n = ops(&mut d, |d| d.pci.process());
-            assert!(n <= SMALL_UNITS_BOUND, "wake-up cost {n}");
-            d.poll_events();
-        }
+        run_command_loop(&mut d, cr, &cmds, SMALL_UNITS_BOUND);
         // The Reset Device commands cancelled the held TDs.
         assert_eq!(st.lock().unwrap().outstanding, 0);
         assert!(st.lock().unwrap().cancels.len() >= TDS_IN_FLIGHT);
@@ -571,20 +577,7 @@ fn maximal_scatter_lists_and_every_command_stay_within_the_bound() {
             trb(ty::NORMAL, 0, 0, 0), // not a command: TRB Error
             trb(ty::LINK, cr, 0, 0),
         ];
-        for (i, c) in cmds.iter().enumerate() {
-            write_trb(&d, cr + 16 * i as u64, *c);
-        }
-        let op = d.op();
-        d.w64(op + OP_CRCR, CRCR_CA);
-        d.poll_events();
-        d.w64(op + OP_CRCR, cr | 1);
-        let n = ops(&mut d, |d| d.ring_doorbell(0, 0));
-        assert!(n <= MAX_OPS_PER_ACCESS, "command doorbell cost {n}");
-        for _ in 0..100 {
-            let n = ops(&mut d, |d| d.pci.process());
-            assert!(n <= MAX_OPS_PER_ACCESS, "wake-up cost {n}");
-            d.poll_events();
-        }
+        run_command_loop(&mut d, cr, &cmds, MAX_OPS_PER_ACCESS);
         assert!(work_left(&d), "the loops go on, one budget at a time");
     });
 }

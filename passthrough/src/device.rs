@@ -1463,16 +1463,13 @@ mod tests {
         (t, d)
     }
 
-    #[test]
-    fn absent_device_is_disconnected_and_fails_transfers() {
-        use hcd_emul::usb::CompletionQueue;
-        let (_t, mut d) = absent_device();
-        assert!(!d.connected());
-        assert_eq!(d.speed(), Speed::High, "USB 2 port while absent");
-        let q = CompletionQueue::new();
-        let ram = hcd_emul::GuestRam::anonymous(0x10000);
-        let (x, _h) = Transfer::new(
-            TransferId(9),
+    /// A 512-byte bulk IN transfer on endpoint 1 into fresh guest RAM.
+    fn bulk_in_512(
+        id: TransferId,
+        q: &hcd_emul::usb::CompletionQueue,
+    ) -> (Transfer, hcd_emul::usb::TransferHandle) {
+        Transfer::new(
+            id,
             1,
             Direction::In,
             TransferKind::Bulk,
@@ -1480,10 +1477,20 @@ mod tests {
                 addr: 0x1000,
                 len: 512,
             }],
-            ram,
+            hcd_emul::GuestRam::anonymous(0x10000),
             vec![],
             q.clone(),
-        );
+        )
+    }
+
+    #[test]
+    fn absent_device_is_disconnected_and_fails_transfers() {
+        use hcd_emul::usb::CompletionQueue;
+        let (_t, mut d) = absent_device();
+        assert!(!d.connected());
+        assert_eq!(d.speed(), Speed::High, "USB 2 port while absent");
+        let q = CompletionQueue::new();
+        let (x, _h) = bulk_in_512(TransferId(9), &q);
         d.submit(x);
         let r = q.drain();
         assert_eq!(r.len(), 1);
@@ -1590,20 +1597,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut g = inner_with_dead_node(dir.path());
         let q = CompletionQueue::new();
-        let ram = hcd_emul::GuestRam::anonymous(0x10000);
-        let (x, _h) = Transfer::new(
-            TransferId(7),
-            1,
-            Direction::In,
-            TransferKind::Bulk,
-            vec![hcd_emul::usb::Segment::Guest {
-                addr: 0x1000,
-                len: 512,
-            }],
-            ram,
-            vec![],
-            q.clone(),
-        );
+        let (x, _h) = bulk_in_512(TransferId(7), &q);
         let range = x.host_buffer().expect("one contiguous guest range");
         g.eps.entry(pipe(0x81, 0)).or_default().push_back(Pending {
             id: TransferId(7),
