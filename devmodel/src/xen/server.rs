@@ -226,7 +226,7 @@ impl<C: PciController> XenServer<C> {
         let ram = GuestRam::with_mapper(cache.clone());
         let lp = EventLoop::new().map_err(XenError::Poll)?;
         let controller = make(ram.clone(), lp.waker().map_err(XenError::Poll)?);
-        let pci = PciFunction::new(
+        let mut pci = PciFunction::new(
             controller,
             Box::new(XenIrq {
                 hv: hv.clone(),
@@ -234,6 +234,9 @@ impl<C: PciController> XenServer<C> {
                 level: false,
             }),
         );
+        // Guests with XENFEAT_hvm_pirqs (Xen 4.17's libxl default) route
+        // MSI/MSI-X through event channels and leave the table masked.
+        pci.set_pirq_msi(true);
         let id = hv
             .create_ioreq_server()
             .map_err(setup("XEN_DMOP_create_ioreq_server"))?;

@@ -332,6 +332,32 @@ fn commands_run_from_guest_memory_with_msix_and_survive_invalidate() {
     assert_eq!(st.invalidates, 1);
 }
 
+/// XENFEAT_hvm_pirqs (Xen 4.17's default): Linux writes MSI-X entry 0
+/// as vector 0 (ExtINT) with the pirq in the destination field and leaves
+/// it masked, masking through the event channel instead. The interrupt
+/// must still reach Xen as that message (which Xen turns into the pirq's
+/// event); before, it waited in the PBA and xhci_hcd timed out its first
+/// command ("Command Aborted").
+#[test]
+fn msix_under_xen_pirqs_reaches_xen_although_the_entry_is_masked() {
+    let rig = Rig::new(1);
+    let c = rig.vcpu(0);
+    start_xhci(&rig, &c);
+    c.mmio_write(BAR0 + 0x3000, 4, 0xfee3_7000); // pirq 0x37
+    c.mmio_write(BAR0 + 0x3004, 4, 0);
+    c.mmio_write(BAR0 + 0x3008, 4, 0x700); // ExtINT, vector 0
+    c.mmio_write(BAR0 + 0x300c, 4, 1); // masked
+    noop(&rig, &c, 0);
+    assert_eq!(event(&rig, 0), (1, 33), "Command Completion, Success");
+    let t0 = Instant::now();
+    while rig.xen.rec().msis.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no MSI-X message");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rig.xen.rec().msis, vec![(0xfee3_7000, 0x700)]);
+    rig.finish();
+}
+
 #[test]
 fn dma_into_a_hole_is_a_host_system_error_not_a_crash() {
     let rig = Rig::new(1);

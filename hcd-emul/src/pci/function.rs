@@ -221,12 +221,24 @@ struct FunctionState {
     msix: Option<MsixState>,
     /// MSI messages owed while Bus Master Enable is off (bit per message).
     msi_pending: u32,
+    /// Messages with vector 0 are remapped pirqs (see
+    /// [`PciFunction::set_pirq_msi`]): MSI-X masks do not hold them.
+    pirq_msi: bool,
     transport: Box<dyn InterruptTransport>,
 }
 
 impl FunctionState {
     fn bus_master(&self) -> bool {
         self.config.command() & COMMAND_BUS_MASTER != 0
+    }
+
+    /// Whether MSI-X `entry` may be sent now as far as masking goes: its
+    /// vector and the function are unmasked — or it is a Xen pirq, whose
+    /// masking goes through the event channel instead (QEMU's
+    /// `msix_vector_masked` with `xen_is_pirq_msi`).
+    fn msix_deliverable(&self, entry: &MsixEntry) -> bool {
+        let pirq = self.pirq_msi && entry.data & 0xff == 0;
+        pirq || (!entry.masked() && !self.config.msix_function_masked())
     }
 
     fn any_level(&self) -> bool {
@@ -274,10 +286,15 @@ impl FunctionState {
         if !self.bus_master() {
             return;
         }
-        if self.msix_active() && !self.config.msix_function_masked() {
+        if self.msix_active() {
+            let deliverable: Vec<bool> = self
+                .msix
+                .as_ref()
+                .map(|m| m.table.iter().map(|e| self.msix_deliverable(e)).collect())
+                .unwrap_or_default();
             if let Some(msix) = self.msix.as_mut() {
                 for (i, entry) in msix.table.iter().enumerate() {
-                    if entry.masked() || !msix.pending(i) {
+                    if !deliverable[i] || !msix.pending(i) {
                         continue;
                     }
                     let Ok(vector) = u16::try_from(i) else {
@@ -365,16 +382,16 @@ impl IrqSink for FunctionState {
             }
         }
         if self.msix_active() {
-            let deliver_now = self.bus_master() && !self.config.msix_function_masked();
-            let Some(msix) = self.msix.as_mut() else {
-                return true;
-            };
             let idx = usize::from(vector);
-            let Some(entry) = msix.table.get(idx).copied() else {
+            let Some(entry) = self.msix.as_ref().and_then(|m| m.table.get(idx).copied()) else {
                 tracing::trace!(target: "pci::msix", vector, "vector past the MSI-X table; ignored");
                 return true;
             };
-            if deliver_now && !entry.masked() {
+            let deliver_now = self.bus_master() && self.msix_deliverable(&entry);
+            let Some(msix) = self.msix.as_mut() else {
+                return true;
+            };
+            if deliver_now {
                 self.transport.send_msi(MsiMessage {
                     msix: true,
                     vector,
@@ -477,6 +494,7 @@ impl<C: PciController> PciFunction<C> {
                 intx_pin: false,
                 msix: msix.map(MsixState::new),
                 msi_pending: 0,
+                pirq_msi: false,
                 external: ExternalMsi::None,
                 transport,
             },
@@ -629,6 +647,19 @@ impl<C: PciController> PciFunction<C> {
         }
         self.controller
             .bar_write(bar, offset, data, &mut self.state);
+    }
+
+    /// Xen's pirq model (`XENFEAT_hvm_pirqs`, on by default in Xen 4.17's
+    /// libxl): Linux writes MSI/MSI-X messages with vector 0 and the pirq
+    /// number in the address, and masks and unmasks them through the event
+    /// channel, leaving the MSI-X Mask bits set. With this on (the Xen
+    /// transport), a message whose vector is 0 is sent whatever the Mask
+    /// and Function Mask bits say, as QEMU does (`xen_is_pirq_msi`); Xen
+    /// turns it into the pirq's event. A vector-0 message is never a valid
+    /// APIC interrupt, so nothing else changes.
+    pub fn set_pirq_msi(&mut self, on: bool) {
+        self.state.pirq_msi = on;
+        self.state.flush_pending();
     }
 
     /// Hands message-interrupt delivery to the client (vfio-user), or takes
@@ -1256,6 +1287,58 @@ mod tests {
         assert!(matches!(ev[0], Event::Msi(m) if m.vector == 0 && m.msix));
         assert!(matches!(ev[1], Event::Msi(m) if m.vector == 1 && m.msix));
         assert_eq!(bar_r32(&mut f, 0x3800), 0);
+    }
+
+    /// Xen's pirq model: Linux writes vector 0 (delivery mode ExtINT) with
+    /// the pirq in the address and leaves the entries masked (masking is
+    /// done on the event channel). Without the pirq mode that message
+    /// waits in the PBA forever (the Xen 4.17 "Command Aborted" defect);
+    /// with it, vector-0 messages go out whatever the masks say, and
+    /// ordinary vectors still obey them.
+    #[test]
+    fn msix_pirq_messages_ignore_the_masks_in_pirq_mode() {
+        let pirq_entry = |f: &mut PciFunction<FakeController>, i: u64| {
+            let base = 0x3000 + 16 * i;
+            bar_w32(f, base, 0xfee0_0000 | (0x37 << 12)); // pirq 0x37 as dest id
+            bar_w32(f, base + 4, 0);
+            bar_w32(f, base + 8, 7 << 8); // ExtINT, vector 0
+            bar_w32(f, base + 12, 1); // masked
+        };
+        for pirq_mode in [false, true] {
+            let (mut f, ev) = setup();
+            f.set_pirq_msi(pirq_mode);
+            w16(&mut f, 0x04, BUS_MASTER);
+            pirq_entry(&mut f, 0);
+            program_entry(&mut f, 1, true);
+            enable_msix(&mut f, true);
+            assert!(pulse(&mut f, 0));
+            assert!(pulse(&mut f, 1));
+            let got = take(&ev);
+            if pirq_mode {
+                assert_eq!(
+                    got,
+                    vec![Event::Msi(MsiMessage {
+                        msix: true,
+                        vector: 0,
+                        address: 0xfee3_7000,
+                        data: 7 << 8
+                    })]
+                );
+                assert_eq!(bar_r32(&mut f, 0x3800), 0b10, "vector 1 still masked");
+            } else {
+                assert!(got.is_empty());
+                assert_eq!(bar_r32(&mut f, 0x3800), 0b11);
+            }
+        }
+        // A pending vector-0 message goes out when pirq mode is turned on.
+        let (mut f, ev) = setup();
+        w16(&mut f, 0x04, BUS_MASTER);
+        pirq_entry(&mut f, 2);
+        enable_msix(&mut f, false);
+        assert!(pulse(&mut f, 2));
+        assert!(take(&ev).is_empty());
+        f.set_pirq_msi(true);
+        assert_eq!(take(&ev).len(), 1);
     }
 
     #[test]
