@@ -61,7 +61,9 @@ fn main() -> ExitCode {
     if let Some(qemu) = &args.wrap {
         // Runs only if the exec of QEMU (or our set-up) failed.
         let e = devmodel::wrap::run(qemu, &args.qemu_args, |domid, ready| {
-            let cfg = devmodel::Config::load(&args.config)?;
+            let mut cfg = devmodel::Config::load(&args.config)?;
+            let r = devmodel::wrap::qemu_restrict(&args.qemu_args);
+            devmodel::wrap::apply_qemu_restrict(&mut cfg.transport, &r)?;
             devmodel::run_xen(&cfg, Some(domid), ready, || STOP.load(Ordering::Relaxed))
         });
         if let Err(e) = e {

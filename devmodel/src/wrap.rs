@@ -36,6 +36,136 @@ pub fn xen_domid(args: &[OsString]) -> anyhow::Result<Option<u16>> {
     Ok(None)
 }
 
+/// What libxl's `dm_restrict=1` asks of QEMU in its arguments, which the
+/// service process takes on too: `-xen-domid-restrict`, and the user and
+/// chroot QEMU drops to (`-run-with user=U,chroot=D`, or `-runas U` and
+/// `-chroot D` on older QEMU).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct QemuRestrict {
+    /// `-xen-domid-restrict`: Xen descriptors restricted to the domain.
+    pub domid_restrict: bool,
+    /// The user QEMU runs as (a name, or `uid:gid`).
+    pub user: Option<String>,
+    /// The directory QEMU chroots into.
+    pub chroot: Option<std::path::PathBuf>,
+}
+
+/// The `dm_restrict` options in libxl's device model arguments.
+pub fn qemu_restrict(args: &[OsString]) -> QemuRestrict {
+    let mut r = QemuRestrict::default();
+    let mut it = args.iter().map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        match a.as_ref() {
+            "-xen-domid-restrict" => r.domid_restrict = true,
+            "-runas" => r.user = it.next().map(|v| v.into_owned()),
+            "-chroot" => r.chroot = it.next().map(|v| v.into_owned().into()),
+            "-run-with" => {
+                let Some(v) = it.next() else { break };
+                for kv in v.split(',') {
+                    if let Some(u) = kv.strip_prefix("user=") {
+                        r.user = Some(u.to_owned());
+                    } else if let Some(d) = kv.strip_prefix("chroot=") {
+                        r.chroot = Some(d.into());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    r
+}
+
+/// Takes on QEMU's confinement under `dm_restrict=1` where the
+/// configuration does not say otherwise: `-xen-domid-restrict` turns on
+/// `restrict`; QEMU's user and chroot become ours unless `uid`/`chroot`
+/// are configured. So libxl's kill-by-uid on destroy ends us with QEMU,
+/// and we are never less confined than the QEMU beside us.
+pub fn apply_qemu_restrict(
+    t: &mut crate::config::Transport,
+    r: &QemuRestrict,
+) -> anyhow::Result<()> {
+    if r.domid_restrict {
+        t.restrict = true;
+    }
+    if let (None, Some(user)) = (t.uid, &r.user) {
+        let (uid, gid) = resolve_user(user)?;
+        t.uid = Some(uid);
+        t.gid = Some(t.gid.unwrap_or(gid));
+    }
+    if let (None, Some(dir)) = (&t.chroot, &r.chroot) {
+        t.chroot = Some(dir.clone());
+    }
+    Ok(())
+}
+
+/// Resolves a QEMU `-runas` user: `uid:gid` as numbers, or a name looked
+/// up in the password database (its primary group).
+pub fn resolve_user(user: &str) -> anyhow::Result<(u32, u32)> {
+    if let Some((u, g)) = user.split_once(':') {
+        if let (Ok(u), Ok(g)) = (u.parse(), g.parse()) {
+            return Ok((u, g));
+        }
+    }
+    let name = std::ffi::CString::new(user).context("user name with a NUL byte")?;
+    // SAFETY: getpwnam_r writes into `pw` and `buf`, both ours and of the
+    // sizes passed; `result` points at `pw` or is null afterwards.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 4096];
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() {
+            bail!("user {user:?} (from QEMU's -runas/-run-with) not found");
+        }
+        Ok((pw.pw_uid, pw.pw_gid))
+    }
+}
+
+/// libxl's `dm_restrict=1` puts every process it starts for the device
+/// model (ours too) under RLIMIT_FSIZE 256 KiB: a write to the stick image
+/// past 256 KiB would fail with EFBIG, or kill the process with SIGXFSZ.
+/// The service process lifts the limit (it runs as root until it
+/// deprivileges), and ignores SIGXFSZ so that, were a limit ever left in
+/// place, a write past it fails as an I/O error the guest sees instead of
+/// killing the process. If the limit cannot be lifted, set-up fails: no
+/// guest may run with a stick that silently loses writes.
+pub fn lift_file_size_limit() -> anyhow::Result<()> {
+    // SAFETY: setting a signal's disposition to SIG_IGN and plain
+    // getrlimit/setrlimit calls on structs we own.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_FSIZE, &mut cur) != 0 {
+            return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_FSIZE)");
+        }
+        if cur.rlim_cur == libc::RLIM_INFINITY {
+            return Ok(());
+        }
+        let inf = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        if libc::setrlimit(libc::RLIMIT_FSIZE, &inf) != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!(
+                "file writes are limited to {} bytes (RLIMIT_FSIZE, libxl's dm_restrict) \
+                 and the limit cannot be lifted ({e}): the stick image would lose writes",
+                cur.rlim_cur
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Replaces this process with `qemu args...` (argv, environment and open
 /// descriptors unchanged). Returns only on failure.
 pub fn exec_qemu(qemu: &Path, args: &[OsString]) -> anyhow::Error {
@@ -113,7 +243,7 @@ fn start_service(
                 let _ = p.write_all(msg.as_bytes());
             }
         };
-        let r = serve(domid, &mut || report("ok\n"));
+        let r = lift_file_size_limit().and_then(|()| serve(domid, &mut || report("ok\n")));
         let code = match r {
             Ok(()) => 0,
             Err(e) => {
@@ -192,6 +322,113 @@ mod tests {
         assert!(xen_domid(&args(&["-xen-domid"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "x"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "70000"])).is_err());
+    }
+
+    #[test]
+    fn dm_restrict_options_are_read_in_both_qemu_spellings() {
+        let new = args(&[
+            "-xen-domid",
+            "3",
+            "-xen-domid-restrict",
+            "-run-with",
+            "chroot=/var/run/xen/qemu-root-3",
+            "-run-with",
+            "user=131075:131075",
+        ]);
+        let r = qemu_restrict(&new);
+        assert!(r.domid_restrict);
+        assert_eq!(r.user.as_deref(), Some("131075:131075"));
+        assert_eq!(
+            r.chroot.as_deref(),
+            Some(Path::new("/var/run/xen/qemu-root-3"))
+        );
+        let old = args(&["-xen-domid", "3", "-runas", "nobody", "-chroot", "/x"]);
+        let r = qemu_restrict(&old);
+        assert!(!r.domid_restrict);
+        assert_eq!(r.user.as_deref(), Some("nobody"));
+        assert_eq!(r.chroot.as_deref(), Some(Path::new("/x")));
+        assert_eq!(
+            qemu_restrict(&args(&["-xen-domid", "3"])),
+            QemuRestrict::default()
+        );
+        assert_eq!(resolve_user("5:6").unwrap(), (5, 6));
+        assert_eq!(resolve_user("root").unwrap(), (0, 0));
+        assert!(resolve_user("no-such-user-xyz").is_err());
+        // Taken on where the configuration is silent, never over it.
+        let transport = |extra: &str| -> crate::config::Transport {
+            toml::from_str(&format!("kind = \"xen\"\n{extra}")).unwrap()
+        };
+        let mut t = transport("");
+        apply_qemu_restrict(&mut t, &qemu_restrict(&new)).unwrap();
+        assert!(t.restrict);
+        assert_eq!((t.uid, t.gid), (Some(131075), Some(131075)));
+        assert_eq!(
+            t.chroot.as_deref(),
+            Some(Path::new("/var/run/xen/qemu-root-3"))
+        );
+        let mut t = transport("uid = 65534\nchroot = \"/srv/empty\"");
+        apply_qemu_restrict(&mut t, &qemu_restrict(&new)).unwrap();
+        assert_eq!(
+            (t.uid, t.chroot.as_deref()),
+            (Some(65534), Some(Path::new("/srv/empty")))
+        );
+    }
+
+    /// libxl's dm_restrict leaves RLIMIT_FSIZE at 256 KiB for the wrapper
+    /// and what it forks: the service process must lift it, or a stick
+    /// write past 256 KiB fails (or SIGXFSZ kills the process). Run in a
+    /// forked child with the limit set as libxl sets it.
+    #[test]
+    fn service_process_lifts_dm_restricts_file_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("stick.img");
+        std::fs::write(&img, []).unwrap();
+        // SAFETY: the child only makes system calls and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            use std::os::unix::fs::FileExt;
+            let lim = libc::rlimit {
+                rlim_cur: 256 << 10,
+                rlim_max: 256 << 10,
+            };
+            // SAFETY: plain system calls in the forked child.
+            unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) };
+            let code = match lift_file_size_limit() {
+                Ok(()) => {
+                    let f = std::fs::OpenOptions::new().write(true).open(&img);
+                    match f.and_then(|f| f.write_all_at(&[0xa5; 4096], 1 << 20)) {
+                        Ok(()) => 0,
+                        Err(_) => 2,
+                    }
+                }
+                Err(_) => 3,
+            };
+            // SAFETY: ends the forked child without unwinding.
+            unsafe { libc::_exit(code) }
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status),
+            "child killed (SIGXFSZ?): {status:#x}"
+        );
+        let code = libc::WEXITSTATUS(status);
+        // With CAP_SYS_RESOURCE (root in dom0) it is lifted and the write
+        // lands; without it (some sandboxes) set-up must refuse, never
+        // lose writes.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let cap_eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap();
+        let can_lift = cap_eff & (1 << 24) != 0; // CAP_SYS_RESOURCE
+        assert_eq!(code, if can_lift { 0 } else { 3 }, "exit code");
+        if can_lift {
+            assert_eq!(std::fs::metadata(&img).unwrap().len(), (1 << 20) + 4096);
+        }
     }
 
     /// The wrapper must exec QEMU as soon as the service process is ready,
