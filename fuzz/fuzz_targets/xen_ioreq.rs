@@ -273,6 +273,7 @@ fn run(data: &[u8]) {
                     ack(&page, w);
                 }
             }
+            13 => server.process(),
             _ => {
                 // Guest RAM: a few bytes anywhere (the hole included; the
                 // fake backs it with a separate file nobody maps).

@@ -302,6 +302,12 @@ impl<C: PciController> XenServer<C> {
         Ok(s)
     }
 
+    /// What the loop does when a device completes or the controller's
+    /// deadline passes (work a budget left, interrupt moderation).
+    pub fn process(&mut self) {
+        self.pci.process();
+    }
+
     /// The PCI function served.
     pub fn pci(&self) -> &PciFunction<C> {
         &self.pci
@@ -353,7 +359,7 @@ impl<C: PciController> XenServer<C> {
                 .map_err(XenError::Poll)?;
             for w in wakes {
                 match w {
-                    Wake::Completion | Wake::Deadline => self.pci.process(),
+                    Wake::Completion | Wake::Deadline => self.process(),
                     Wake::Fd(_) => self.serve_ports(),
                 }
             }
@@ -362,7 +368,7 @@ impl<C: PciController> XenServer<C> {
                 .next_deadline()
                 .is_some_and(|t| t <= Instant::now())
             {
-                self.pci.process();
+                self.process();
             }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
