@@ -223,6 +223,12 @@ impl GuestRam {
         }
     }
 
+    /// The current map (its regions are shared, not copied): for building
+    /// a changed map to [`GuestRam::replace`] with.
+    pub fn current(&self) -> GuestMemoryMmap {
+        (*self.inner.memory()).clone()
+    }
+
     /// Replaces the whole map (transports call this on map/unmap). Accesses
     /// already under way keep the old map alive until they finish.
     pub fn replace(&self, map: GuestMemoryMmap) {

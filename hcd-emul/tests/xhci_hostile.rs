@@ -487,3 +487,75 @@ fn event_ring_full_drops_events_without_harm() {
     // Once drained, events flow again.
     assert_eq!(d.get_descriptor(slot, 1, 0, 18).len(), 18);
 }
+
+/// VirtualBox's design note: guest memory changes between submit and
+/// completion. A TD's TRBs are read once, when it is fetched: rewriting
+/// them while the device works changes neither where the data lands nor
+/// which TRB the event names. Memory unmapped under a transfer in flight
+/// fails that transfer's DMA, nothing else; mapped again, the endpoint
+/// goes on.
+#[test]
+fn guest_memory_changed_or_unmapped_between_submit_and_completion() {
+    use common::RAM_SIZE;
+    use hcd_emul::mem::GuestRam;
+    use hcd_emul::xhci::Xhci;
+    use std::time::Duration;
+
+    // Guest RAM in two regions, so the data half can be unmapped alone.
+    let ram = GuestRam::anonymous_ranges(&[
+        (0, DATA_BASE as usize),
+        (DATA_BASE, RAM_SIZE - DATA_BASE as usize),
+    ]);
+    let (dev, st) = FakeDevice::asynchronous(Speed::High, Duration::from_millis(100), 1);
+    let mut d = Driver::with_xhci(Xhci::new(ram.clone()), ram.clone());
+    let port = d.pci.controller_mut().attach(Box::new(dev)).unwrap();
+    d.start();
+    let slot = d.address(port);
+    let eps = [(BULK_IN, ep_type::BULK_IN, 512, 0)];
+    assert_eq!(d.configure(slot, &eps), cc::SUCCESS);
+
+    // (1) The TRB is rewritten (another buffer, another length) while the
+    // device works: the data still lands in the buffer fetched.
+    let (a, b) = (DATA_BASE, DATA_BASE + 0x1000);
+    d.ram.write(b, &[0x5a; 512]).unwrap();
+    let trbs = Driver::normal_trbs(&[(a, 512)], true);
+    let at = d.queue(slot, BULK_IN, &trbs)[0];
+    d.write_trb(at, b, 64, (ty::NORMAL << 10) | ctl::IOC | ctl::ISP);
+    let c = d.wait_transfer(slot, BULK_IN, at);
+    assert_eq!((c.code, c.residue), (cc::SUCCESS, 0));
+    let mut got = vec![0u8; 512];
+    d.ram.read(a, &mut got).unwrap();
+    let seq = *st.lock().unwrap().in_ids.last().unwrap() as u32;
+    let want: Vec<u8> = (0..512).map(|i| common::fake::pattern(seq, i)).collect();
+    assert_eq!(got, want, "data in the buffer fetched");
+    d.ram.read(b, &mut got).unwrap();
+    assert_eq!(
+        got,
+        vec![0x5a; 512],
+        "nothing written where the TRB now points"
+    );
+
+    // (2) The data region goes away while the next TD is in flight: its
+    // DMA fails (the fake reports the short write), the process lives, and
+    // once mapped again the endpoint moves data as before.
+    let full = ram.current();
+    let high = (RAM_SIZE - DATA_BASE as usize) as u64;
+    let (low, _) = full
+        .remove_region(vm_memory::GuestAddress(DATA_BASE), high)
+        .unwrap();
+    let at = d.queue(slot, BULK_IN, &Driver::normal_trbs(&[(a, 512)], true))[0];
+    ram.replace(low);
+    let c = d.wait_transfer(slot, BULK_IN, at);
+    assert_ne!(
+        c.code,
+        cc::SUCCESS,
+        "a transfer into unmapped memory cannot succeed"
+    );
+    ram.replace(full);
+    if ep_state(&d, slot, BULK_IN) == 2 {
+        recover(&mut d, slot, BULK_IN);
+    }
+    let (code, n) = d.bulk(slot, BULK_IN, &[(a, 512)]);
+    assert_eq!((code, n), (cc::SUCCESS, 512));
+    assert_eq!(d.pci.controller().transfers_in_flight(), 0);
+}
