@@ -62,8 +62,9 @@ pub enum DmaError {
 /// fails instead of going on with zeros.
 static MEMORY_FAULTS: AtomicU64 = AtomicU64::new(0);
 
-/// Counts a memory fault absorbed under a guest-memory access (see
-/// [`MEMORY_FAULTS`]). Async-signal-safe: one atomic add.
+/// Counts a memory fault absorbed under a guest-memory access: the access
+/// under way then fails with [`DmaError::Vanished`]. For a transport's
+/// SIGBUS handler (vfio-user); async-signal-safe: one atomic add.
 pub fn note_memory_fault() {
     MEMORY_FAULTS.fetch_add(1, Ordering::Release);
 }
