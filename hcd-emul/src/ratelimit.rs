@@ -103,7 +103,7 @@ impl LogCounter {
 
     /// Lines counted per call site.
     pub fn sites(&self) -> std::collections::HashMap<String, usize> {
-        self.0.lock().unwrap().clone()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Asserts that no call site logged more than the rate limiter allows
@@ -131,7 +131,12 @@ impl tracing::Subscriber for LogCounter {
     fn event(&self, e: &tracing::Event<'_>) {
         let m = e.metadata();
         let site = format!("{}:{}", m.file().unwrap_or("?"), m.line().unwrap_or(0));
-        *self.0.lock().unwrap().entry(site).or_default() += 1;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(site)
+            .or_default() += 1;
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
