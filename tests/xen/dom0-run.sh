@@ -4,13 +4,15 @@
 #   /mnt/share/xen-usb-dm           the device model (absent when DM=none)
 #   /mnt/share/{vmlinuz,guest-initrd.gz}
 #   /mnt/share/run/params.env       DM PCI GUEST_TIMEOUT DM_READY_WAIT DM_EXIT_WAIT
-#                                   STICK_ON_SHARE QEMU_XEN MODES
+#                                   STICK_ON_SHARE QEMU_XEN GUEST_ATTEMPTS
+#                                   DM_LOG MODES
 #   /mnt/share/run/MODE/guest.cfg   xl configuration of that mode's HVM guest
 #                                   (named xtb-MODE)
 #   /mnt/share/run/MODE/stick.img   the USB stick's image
 # Runs one guest per mode in MODES, one after the other:
 #   beside  creates the guest paused (`xl create -p`), starts xen-usb-dm for
 #           its domid next to it, unpauses it;
+#   intx    the same (its guest.cfg boots the guest with pci=nomsi);
 #   wrap    the guest's cfg names run/wrap/dm-wrap as device_model_override;
 #           that script runs `xen-usb-dm --wrap QEMU_XEN -- "$@"`, so libxl
 #           itself starts (and stops) xen-usb-dm with the guest (plain
@@ -20,12 +22,21 @@
 # the guest's logs in run/MODE/guest-{console,serial}.log and xen-usb-dm's
 # log in run/MODE/dm.log; run/MODE/done when that mode is finished, and
 # run/done last.
+# A guest that stops making progress (no CPU time, console or device-model
+# log for STALL_WINDOW s) is destroyed, and so is one whose kernel panicked
+# before its /init; that mode then runs again with a fresh guest and stick
+# (the attempt kept as run/MODE.tryN, a line in run/MODE/guest-retries.txt),
+# GUEST_ATTEMPTS guests in all. run/heartbeat is rewritten every 10 s, so
+# run.sh can tell a stuck guest (dom0 alive) from a frozen boot.
 set -euo pipefail
 TOP=/mnt/share/run
 . "$TOP/params.env"
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}'; }
 lt() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a < b)}'; }
+STALL_WINDOW=45
+# guest_cpu DOMID: the guest's CPU seconds so far ("" if xl cannot say).
+guest_cpu() { xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
 
 # run_mode MODE: one guest; runs in a subshell (its `exit` ends the mode).
 run_mode() {
@@ -44,6 +55,9 @@ run_mode() {
     cp "$SERIAL" "$R/guest-serial.log" 2>/dev/null || true
     cp "$QEMU_LOG" "$R/qemu-dm.log" 2>/dev/null || true
     xl dmesg > "$R/xen-dmesg.log" 2>&1 || true
+    # (the copies of libxl's logs must not be read again by the next guest
+    # of this mode, nor its console)
+    rm -f "$CONSOLE" "$SERIAL" "$QEMU_LOG"
     touch "$R/done"
   }
   trap finish EXIT
@@ -91,12 +105,13 @@ run_mode() {
 
   if [ "$mode" = wrap ]; then
     [ "$DM" != none ] || { result wrap FAIL "wrap mode needs a device model"; exit 0; }
+    rm -f "$QEMU_LOG"
     write_toml
     # The script libxl runs instead of QEMU (named in guest.cfg), as in
     # the README. Its name must not contain "xen-usb-dm" (dm_procs).
     cat > "$R/dm-wrap" <<WRAP
 #!/bin/sh
-export XEN_USB_DM_LOG=info NO_COLOR=1
+export XEN_USB_DM_LOG=$DM_LOG NO_COLOR=1
 exec $DM --config $R/xen-dm.toml --wrap $QEMU_XEN -- "\$@"
 WRAP
     chmod +x "$R/dm-wrap"
@@ -127,7 +142,7 @@ WRAP
     result xl_create PASS "domid $domid"
     if [ "$DM" != none ]; then
       write_toml "$domid"
-      XEN_USB_DM_LOG=info NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
+      XEN_USB_DM_LOG=$DM_LOG NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
       dm_pid=$!
       t=$(up)
       while dm_alive && ! grep -qi ready "$R/dm.log" && lt "$(since "$t")" "$DM_READY_WAIT"; do
@@ -150,6 +165,9 @@ WRAP
   fi
 
   started=""
+  # Progress: the guest's CPU time, its console, our log (sampled every 5 s).
+  dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
+  prog_t=$(up) prog_cpu=0 prog_act="" polls=0
   # (xenstore, not `xl list`: xl aborts on a dying domain)
   while xenstore-exists "/local/domain/$domid"; do
     if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
@@ -160,6 +178,18 @@ WRAP
       result guest_poweroff FAIL "still running after $GUEST_TIMEOUT s, destroyed"
       xl destroy "$domid" || true
       break
+    fi
+    polls=$((polls + 1))
+    if [ $((polls % 10)) = 0 ]; then
+      cpu=$(guest_cpu "$domid")
+      act=$(stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
+      if [ -z "$cpu" ] || [ "$act" != "$prog_act" ] || ! lt "$cpu" "$(awk -v c="$prog_cpu" 'BEGIN {print c + 1}')"; then
+        prog_t=$(up) prog_cpu=${cpu:-$prog_cpu} prog_act=$act
+      elif ! lt "$(since "$prog_t")" "$STALL_WINDOW"; then
+        echo "stalled: guest CPU ${cpu} s, no console or device-model log for $STALL_WINDOW s, $(since "$t_unpause") s after unpause" > "$R/attempt-status"
+        xl destroy "$domid" || true
+        break
+      fi
     fi
     sleep 0.5
   done
@@ -214,7 +244,34 @@ WRAP
   fi
 }
 
+( while :; do date +%s > "$TOP/heartbeat"; sleep 10; done ) &
+heartbeat=$!
 for mode in $MODES; do
-  ( run_mode "$mode" ) || echo "mode $mode: exited with $?"
+  cp "$TOP/$mode/guest.cfg" "/tmp/guest-$mode.cfg"
+  size=$(stat -c %s "$TOP/$mode/stick.img")
+  for a in $(seq "$GUEST_ATTEMPTS"); do
+    ( run_mode "$mode" ) || echo "mode $mode: exited with $?"
+    c=$TOP/$mode/guest-console.log
+    # A kernel panic before /init (seen: a double fault in kmalloc during
+    # ACPI init, an oops in text_poke_early) is the nested set-up's, not
+    # ours: that guest counts as stalled too.
+    if [ ! -f "$TOP/$mode/attempt-status" ] && grep -q 'Kernel panic' "$c" 2>/dev/null \
+       && ! grep -q '^GUEST-START' "$c"; then
+      echo "panic before init" > "$TOP/$mode/attempt-status"
+    fi
+    [ -f "$TOP/$mode/attempt-status" ] || break
+    why=$(cat "$TOP/$mode/attempt-status")
+    echo "mode $mode: guest $a: $why"
+    [ "$a" -lt "$GUEST_ATTEMPTS" ] || break
+    # Start that mode over with a fresh guest and stick; keep the attempt.
+    rm -rf "$TOP/$mode.try$a"; mv "$TOP/$mode" "$TOP/$mode.try$a"
+    mkdir "$TOP/$mode"
+    cp "/tmp/guest-$mode.cfg" "$TOP/$mode/guest.cfg"
+    truncate -s "$size" "$TOP/$mode/stick.img"
+    for b in $(seq "$a"); do
+      echo "guest $b: $(cat "$TOP/$mode.try$b/attempt-status")"
+    done > "$TOP/$mode/guest-retries.txt"
+  done
 done
+kill "$heartbeat" 2>/dev/null || true
 touch "$TOP/done"

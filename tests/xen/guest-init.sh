@@ -9,6 +9,7 @@
 #   PCI <bdf>=<class> ...          what the guest sees on bus 0
 #   RESULT <name> PASS|FAIL <detail>
 #   HOSTCHECK <offset> <length> <sha256>   dom0 re-reads the image there
+#   IRQ before-io|after-io <xhci_hcd's /proc/interrupts line>
 #   KLOG <kernel line>             the kernel's USB, SCSI and sd lines
 #   GUEST-DONE
 # Kernel command line: stick_bytes=N (expected size of the stick).
@@ -19,6 +20,9 @@ mount -t tmpfs tmp /tmp
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 res() { echo "RESULT $1 $2 $3"; }
+irq_count() {
+  awk '/xhci_hcd/ {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts
+}
 echo "GUEST-START $(ms)"
 
 checks() {
@@ -40,9 +44,11 @@ checks() {
   i=0; while [ ! -b /dev/sda ] && [ $i -lt 900 ]; do usleep 100000; i=$((i + 1)); done
   if [ -b /dev/sda ]; then res sda PASS "$(( $(ms) - t0 ))ms"
   else res sda FAIL "no /dev/sda after 90 s"; return; fi
-  # "count chip" of xhci_hcd's first vector (PCI-MSIX/PCI-MSI/IO-APIC).
-  irqs=$(awk '/xhci_hcd/ {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts)
+  # "count chip" of xhci_hcd's first vector (PCI-MSIX/PCI-MSI/IO-APIC, or
+  # xen-pirq under XENFEAT_hvm_pirqs), and whether it rises over the I/O.
+  irqs=$(irq_count)
   [ "${irqs%% *}" -gt 0 ] 2>/dev/null && res irq PASS "$irqs" || res irq FAIL "no xhci_hcd interrupts"
+  grep xhci_hcd /proc/interrupts | sed 's/  */ /g; s/^/IRQ before-io/'
 
   want=$(arg stick_bytes)
   size=$(blockdev --getsize64 /dev/sda)
@@ -68,6 +74,10 @@ checks() {
   got=$(dd if=/dev/sda bs=64k skip=64 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
   [ "$got" = "$sum" ] && res readback PASS "$(( $(ms) - t0 ))ms" || res readback FAIL "sha256 differs"
   echo "HOSTCHECK $off $len $sum"
+  grep xhci_hcd /proc/interrupts | sed 's/  */ /g; s/^/IRQ after-io/'
+  irqs2=$(irq_count)
+  [ "${irqs2%% *}" -gt "${irqs%% *}" ] 2>/dev/null && res irq_rising PASS "${irqs%% *} -> $irqs2" \
+    || res irq_rising FAIL "${irqs%% *} -> $irqs2"
   sleep 5
 }
 checks
