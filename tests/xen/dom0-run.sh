@@ -26,7 +26,8 @@
 # log for STALL_WINDOW s) is destroyed, and so is one whose kernel panicked
 # before its /init; that mode then runs again with a fresh guest and stick
 # (the attempt kept as run/MODE.tryN, a line in run/MODE/guest-retries.txt),
-# GUEST_ATTEMPTS guests in all. run/heartbeat is rewritten every 10 s, so
+# GUEST_ATTEMPTS guests in all; when the last one stalls too, the mode is
+# left without run/MODE/done and run.sh tries it in a new boot. run/heartbeat is rewritten every 10 s, so
 # run.sh can tell a stuck guest (dom0 alive) from a frozen boot.
 set -euo pipefail
 TOP=/mnt/share/run
@@ -180,6 +181,11 @@ WRAP
       break
     fi
     polls=$((polls + 1))
+    # Test hook (XTB_STALL_TEST=1): the first guest is paused 20 s after
+    # unpause, which must look like a stalled guest.
+    if [ "${STALL_TEST:-0}" = 1 ] && [ ! -f /tmp/stall-test-done ] && ! lt "$(since "$t_unpause")" 20; then
+      touch /tmp/stall-test-done; xl pause "$domid"; echo "stall test: paused $NAME"
+    fi
     if [ $((polls % 10)) = 0 ]; then
       cpu=$(guest_cpu "$domid")
       act=$(stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
@@ -262,7 +268,9 @@ for mode in $MODES; do
     [ -f "$TOP/$mode/attempt-status" ] || break
     why=$(cat "$TOP/$mode/attempt-status")
     echo "mode $mode: guest $a: $why"
-    [ "$a" -lt "$GUEST_ATTEMPTS" ] || break
+    # The last one too: the mode stays unfinished, for run.sh to try it in
+    # a new boot.
+    [ "$a" -lt "$GUEST_ATTEMPTS" ] || { rm -f "$TOP/$mode/done"; break; }
     # Start that mode over with a fresh guest and stick; keep the attempt.
     rm -rf "$TOP/$mode.try$a"; mv "$TOP/$mode" "$TOP/$mode.try$a"
     mkdir "$TOP/$mode"

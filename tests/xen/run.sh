@@ -31,7 +31,9 @@
 # default a fresh one under /tmp; one subdirectory per series), KEEP=1 (keep
 # it also on success), XTB_STICK_ON_SHARE (1: serve the stick from the 9p
 # share, the default; 0: from dom0's tmpfs), XTB_GUEST_CMDLINE (guest
-# console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info).
+# console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info),
+# XTB_STALL_TEST=1 (dom0 pauses the first guest after 20 s: checks the
+# in-dom0 retry).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DM=${1:?usage: run.sh DM_BINARY|none}
@@ -104,6 +106,7 @@ STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-1}
 QEMU_XEN=$QEMU_XEN
 GUEST_ATTEMPTS=$GUEST_ATTEMPTS
 DM_LOG=${XTB_DM_LOG:-info}
+STALL_TEST=${XTB_STALL_TEST:-0}
 MODES="$pending"
 EOF
 }
@@ -218,6 +221,9 @@ for n in $(seq "$ATTEMPTS"); do
       cp "$gc" "$W/guest-panic-$n-$mode.log"
       rm -f "$S/run/$mode/done"
     fi
+    if [ ! -f "$S/run/$mode/done" ] && [ -f "$S/run/$mode/attempt-status" ]; then
+      status="guest-stalled($mode)"   # every guest dom0 tried (dom0-run.sh)
+    fi
     if [ -f "$S/run/$mode/done" ]; then boot_of[$mode]=$n dom0_of[$mode]=$t_dom0; fi
   done
   log "attempt $n ($pending): $status after $t_boot s (dom0 up after $t_dom0 s)"
@@ -262,7 +268,7 @@ for mode in $MODES; do
   # guest's shutdown (xhci_hcd halting the controller), and everything
   # before is firmware, boot and USB enumeration.
   if [ -f "$R/dm.log" ]; then
-    sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk -v mode="$mode" '
+    sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk -v mode="$XEN $mode" '
       / xen: stats: / {
         split($1, t, "T"); split(t[2], h, ":"); s = h[1] * 3600 + h[2] * 60 + h[3]
         for (i = 1; i <= NF; i++) if ($i == "stats:") n = $(i + 1)
@@ -272,9 +278,9 @@ for mode in $MODES; do
       END {
         if (!seen) exit
         b[++k] = prev - base
-        if (k < 4) { printf "xen: %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
+        if (k < 4) { printf "xen %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
         e = prev - b[k] - b[k - 1] - b[k - 2]
-        printf "xen: %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
+        printf "xen %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
       }'
   fi
   mp=$(grep -c '^RESULT .* PASS' "$mo" || true)
