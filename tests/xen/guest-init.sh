@@ -12,7 +12,8 @@
 #   IRQ before-io|after-io <xhci_hcd's /proc/interrupts line>
 #   KLOG <kernel line>             the kernel's USB, SCSI and sd lines
 #   GUEST-DONE
-# Kernel command line: stick_bytes=N (expected size of the stick).
+# Kernel command line: stick_bytes=N (expected size of the stick),
+# irq_model=ERE (what xhci_hcd's /proc/interrupts line must match; _ = blank).
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -49,6 +50,13 @@ checks() {
   irqs=$(irq_count)
   [ "${irqs%% *}" -gt 0 ] 2>/dev/null && res irq PASS "$irqs" || res irq FAIL "no xhci_hcd interrupts"
   grep xhci_hcd /proc/interrupts | sed 's/  */ /g; s/^/IRQ before-io/'
+  # The interrupt model the series and mode must give (irq_model=, an ERE
+  # on xhci_hcd's /proc/interrupts line with blanks squeezed, _ for blank).
+  want=$(arg irq_model | tr _ ' ')
+  if [ -n "$want" ]; then
+    line=$(grep xhci_hcd /proc/interrupts | sed 's/  */ /g' | head -1)
+    echo "$line" | grep -qE "$want" && res irq_model PASS "$want" || res irq_model FAIL "want /$want/"
+  fi
 
   want=$(arg stick_bytes)
   size=$(blockdev --getsize64 /dev/sda)

@@ -111,6 +111,17 @@ MODES="$pending"
 EOF
 }
 
+irq_model() { # irq_model MODE: " irq_model=ERE" for the guest (guest-init.sh)
+  # 4.17's libxl gives the guest XENFEAT_hvm_pirqs: MSI-X and INTx both
+  # arrive as pirqs (event channels); 4.20's does not.
+  case $XEN/$1 in
+    4.17/intx) echo " irq_model=xen-pirq.*ioapic" ;;
+    4.17/*)    echo " irq_model=xen-pirq.*msi" ;;
+    */intx)    echo " irq_model=IO-APIC" ;;
+    *)         echo " irq_model=PCI-MSI" ;;
+  esac
+}
+
 guest_cfg() { # guest_cfg MODE: the xl configuration of that mode's guest
   cat <<EOF
 name = "xtb-$1"
@@ -119,7 +130,7 @@ memory = 256
 vcpus = 1
 kernel = "/mnt/share/vmlinuz"
 ramdisk = "/mnt/share/guest-initrd.gz"
-cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES$([ "$1" != intx ] || echo " pci=nomsi")"
+cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES$([ "$1" != intx ] || echo " pci=nomsi")$(irq_model "$1")"
 serial = "file:/var/log/xen/xtb-$1-serial.log"
 vga = "none"
 vnc = 0
