@@ -33,7 +33,8 @@
 # share, the default; 0: from dom0's tmpfs), XTB_GUEST_CMDLINE (guest
 # console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info),
 # XTB_STALL_TEST=1 (dom0 pauses the first guest after 20 s: checks the
-# in-dom0 retry).
+# in-dom0 retry), XTB_OUTER_QEMU (instead of the host's QEMU 7.2; a stand-in
+# to test these scripts).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DM=${1:?usage: run.sh DM_BINARY|none}
@@ -67,6 +68,7 @@ case $XEN in
 esac
 [ "$DM" != none ] || MODES=beside
 eval "$("$HERE/fetch.sh" "$XEN")"
+OUTER_QEMU=${XTB_OUTER_QEMU:-$OUTER_QEMU}
 
 if [ -n "${XTB_WORK:-}" ]; then W=$XTB_WORK/$XEN; mkdir -p "$W"
 else W=$(mktemp -d "/tmp/xen-usb-dm-xen-$XEN.XXXXXX"); fi
