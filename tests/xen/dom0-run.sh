@@ -36,6 +36,19 @@ up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}'; }
 lt() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a < b)}'; }
 STALL_WINDOW=45
+# dom_exists DOMID: whether the domain is still there. From xenstore, not
+# `xl list` (xl aborts on a dying domain); bookworm's xenstore-exists
+# (4.17) has been seen to segfault, so a crash is asked again, and then xl.
+dom_exists() {
+  local rc i
+  for i in 1 2 3; do
+    rc=0; xenstore-exists "/local/domain/$1" 2>/dev/null || rc=$?
+    [ "$rc" -gt 1 ] || return "$rc"
+    echo "xenstore-exists /local/domain/$1: exit $rc (try $i)" >&2
+    sleep 0.2
+  done
+  xl list 2>/dev/null | awk -v d="$1" '$2 == d {f = 1} END {exit !f}'
+}
 # guest_cpu DOMID: the guest's CPU seconds so far ("" if xl cannot say).
 guest_cpu() { xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
 
@@ -169,8 +182,7 @@ WRAP
   # Progress: the guest's CPU time, its console, our log (sampled every 5 s).
   dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
   prog_t=$(up) prog_cpu=0 prog_act="" polls=0
-  # (xenstore, not `xl list`: xl aborts on a dying domain)
-  while xenstore-exists "/local/domain/$domid"; do
+  while dom_exists "$domid"; do
     if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
       started=1
       timing guest_start_s "$(since "$t_unpause")"

@@ -160,7 +160,7 @@ DOM0_INITRD=$XD/dom0-initrd-$KERNEL_VERSION-$k.cpio.gz
 if [ ! -f "$DOM0_INITRD" ]; then
   log "dom0 initrd"
   BUSYBOX=$BUSYBOX "$HERE/mkinitrd.sh" "$KDIR" "$KERNEL_VERSION" "$DOM0_INITRD.tmp" \
-      "$HERE/dom0-initrd-init.sh" virtio_blk ext4 crc32c_generic
+      "$HERE/dom0-initrd-init.sh" virtio_pci virtio_blk ext4 crc32c_generic
   rm -f "$XD"/dom0-initrd-*.cpio.gz; mv "$DOM0_INITRD.tmp" "$DOM0_INITRD"
 fi
 k=$(key "$HERE/mkinitrd.sh" "$HERE/guest-init.sh" <(echo "$BUSYBOX"))
