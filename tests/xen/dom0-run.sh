@@ -37,8 +37,9 @@ since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}'; }
 lt() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a < b)}'; }
 STALL_WINDOW=45
 # dom_exists DOMID: whether the domain is still there. From xenstore, not
-# `xl list` (xl aborts on a dying domain); bookworm's xenstore-exists
-# (4.17) has been seen to segfault, so a crash is asked again, and then xl.
+# `xl list` (xl aborts on a dying domain); xenstore-exists (4.17's and
+# 4.20's) has been seen to segfault as the domain went away, so a crash is
+# asked again, and then xl.
 dom_exists() {
   local rc i
   for i in 1 2 3; do
