@@ -32,9 +32,16 @@
 set -euo pipefail
 TOP=/mnt/share/run
 . "$TOP/params.env"
-up() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.1f", b - a}'; }
-lt() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a < b)}'; }
+# Time without forking: dom0's processes have been seen to segfault now
+# and then in this nested set-up (awk, xenstore-exists, a bash subshell;
+# 2026-12-02, both versions), so the decisions below use bash builtins
+# only, and a helper that crashes must not read as "timed out" or "gone".
+# tick: NOW = dom0's uptime in centiseconds. since T: seconds from T, for
+# display. older T S: whether S seconds passed since T.
+tick() { local u; read -r u _ < /proc/uptime; NOW=$(( ${u%.*} * 100 + 10#${u#*.} )); }
+up() { local u; read -r u _ < /proc/uptime; echo "$u"; }
+since() { tick; local d=$((NOW - $1)); printf '%d.%d' $((d / 100)) $(((d % 100) / 10)); }
+older() { tick; [ $((NOW - $1)) -ge $(($2 * 100)) ]; }
 STALL_WINDOW=45
 # dom_exists DOMID: whether the domain is still there. From xenstore, not
 # `xl list` (xl aborts on a dying domain); xenstore-exists (4.17's and
@@ -82,9 +89,12 @@ run_mode() {
   # zombies are not running anything and are left out.
   # (pgrep: 1 is "none"; anything else is an error, reported as a process)
   dm_procs() {
-    local rc=0
-    pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
-    [ "$rc" -le 1 ] || echo "pgrep-failed-$rc"
+    local rc i
+    for i in 1 2 3; do
+      rc=0; pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
+      [ "$rc" -gt 1 ] || return 0
+    done
+    echo "pgrep-failed-$rc"
   }
   echo "=== mode $mode ($NAME), dom0 uptime $(up) s"
 
@@ -132,7 +142,7 @@ WRAP
     chmod +x "$R/dm-wrap"
     # libxl runs the probe, then the real start (our server is set up
     # before QEMU is exec'd, so before libxl unpauses the guest).
-    t_unpause=$(up)
+    tick; t_unpause=$NOW
     if ! xl create "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
       result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
       cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
@@ -159,8 +169,8 @@ WRAP
       write_toml "$domid"
       XEN_USB_DM_LOG=$DM_LOG NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
       dm_pid=$!
-      t=$(up)
-      while dm_alive && ! grep -qi ready "$R/dm.log" && lt "$(since "$t")" "$DM_READY_WAIT"; do
+      tick; t=$NOW
+      while dm_alive && ! grep -qi ready "$R/dm.log" && ! older "$t" "$DM_READY_WAIT"; do
         sleep 0.2
       done
       if ! dm_alive; then
@@ -175,20 +185,20 @@ WRAP
         result dm_start PASS "no 'ready' line after $DM_READY_WAIT s, going on"
       fi
     fi
-    t_unpause=$(up)
+    tick; t_unpause=$NOW
     xl unpause "$domid"
   fi
 
   started=""
   # Progress: the guest's CPU time, its console, our log (sampled every 5 s).
   dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
-  prog_t=$(up) prog_cpu=0 prog_act="" polls=0
+  tick; prog_t=$NOW prog_cpu=0 prog_act="" polls=0
   while dom_exists "$domid"; do
     if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
       started=1
       timing guest_start_s "$(since "$t_unpause")"
     fi
-    if ! lt "$(since "$t_unpause")" "$GUEST_TIMEOUT"; then
+    if older "$t_unpause" "$GUEST_TIMEOUT"; then
       result guest_poweroff FAIL "still running after $GUEST_TIMEOUT s, destroyed"
       xl destroy "$domid" || true
       break
@@ -196,15 +206,18 @@ WRAP
     polls=$((polls + 1))
     # Test hook (XTB_STALL_TEST=1): the first guest is paused 20 s after
     # unpause, which must look like a stalled guest.
-    if [ "${STALL_TEST:-0}" = 1 ] && [ ! -f /tmp/stall-test-done ] && ! lt "$(since "$t_unpause")" 20; then
+    if [ "${STALL_TEST:-0}" = 1 ] && [ ! -f /tmp/stall-test-done ] && older "$t_unpause" 20; then
       touch /tmp/stall-test-done; xl pause "$domid"; echo "stall test: paused $NAME"
     fi
     if [ $((polls % 10)) = 0 ]; then
-      cpu=$(guest_cpu "$domid")
+      echo "$NOW" > "$TOP/heartbeat"   # (also if the background one died)
+      # (a crashed helper gives "", which counts as progress)
+      cpu=$(guest_cpu "$domid"); cpu=${cpu%%.*}
       act=$(stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
-      if [ -z "$cpu" ] || [ "$act" != "$prog_act" ] || ! lt "$cpu" "$(awk -v c="$prog_cpu" 'BEGIN {print c + 1}')"; then
-        prog_t=$(up) prog_cpu=${cpu:-$prog_cpu} prog_act=$act
-      elif ! lt "$(since "$prog_t")" "$STALL_WINDOW"; then
+      case $cpu in ""|*[!0-9]*) cpu="" ;; esac
+      if [ -z "$cpu" ] || [ -z "$act" ] || [ "$act" != "$prog_act" ] || [ "$cpu" -gt "$prog_cpu" ]; then
+        tick; prog_t=$NOW prog_cpu=${cpu:-$prog_cpu} prog_act=$act
+      elif older "$prog_t" "$STALL_WINDOW"; then
         echo "stalled: guest CPU ${cpu} s, no console or device-model log for $STALL_WINDOW s, $(since "$t_unpause") s after unpause" > "$R/attempt-status"
         xl destroy "$domid" || true
         break
@@ -217,8 +230,8 @@ WRAP
     || result guest_done FAIL "no GUEST-DONE on the guest's console"
 
   if [ -n "$dm_pid" ]; then
-    t=$(up)
-    while dm_alive && lt "$(since "$t")" "$DM_EXIT_WAIT"; do sleep 0.2; done
+    tick; t=$NOW
+    while dm_alive && ! older "$t" "$DM_EXIT_WAIT"; do sleep 0.2; done
     if dm_alive; then
       xl list > "$R/xl-list-dm-stuck.log" 2>&1 || true   # a dying domain still listed?
       kill "$dm_pid"; sleep 1; kill -9 "$dm_pid" 2>/dev/null || true
@@ -230,8 +243,8 @@ WRAP
     fi
   elif [ "$mode" = wrap ]; then
     # libxl stops QEMU; the service process must notice the death itself.
-    t=$(up)
-    while [ -n "$(dm_procs)" ] && lt "$(since "$t")" "$DM_EXIT_WAIT"; do sleep 0.2; done
+    tick; t=$NOW
+    while [ -n "$(dm_procs)" ] && ! older "$t" "$DM_EXIT_WAIT"; do sleep 0.2; done
     left=$(dm_procs)
     if [ -n "$left" ]; then
       ps -ef > "$R/ps-dm-stuck.log" 2>&1 || true
