@@ -308,4 +308,7 @@ for mode in $MODES; do
   done
 done
 kill "$heartbeat" 2>/dev/null || true
+# dom0's kernel log: the segfaults of dom0 processes show up there.
+dmesg > "$TOP/dom0-dmesg.log" 2>&1 || true
+grep -E 'segfault|trap' "$TOP/dom0-dmesg.log" | head -5 || true
 touch "$TOP/done"
