@@ -43,6 +43,10 @@ up() { local u; read -r u _ < /proc/uptime; echo "$u"; }
 since() { tick; local d=$((NOW - $1)); printf '%d.%d' $((d / 100)) $(((d % 100) / 10)); }
 older() { tick; [ $((NOW - $1)) -ge $(($2 * 100)) ]; }
 STALL_WINDOW=45
+# Every helper the waits below run is bounded by `timeout`: in one run
+# (4.20, wrap) the wait for the guest stopped for good right after it
+# began (a helper that never returned, perhaps `xl list`), which only the
+# series' timeout would have ended.
 # dom_exists DOMID: whether the domain is still there. From xenstore, not
 # `xl list` (xl aborts on a dying domain); xenstore-exists (4.17's and
 # 4.20's) has been seen to segfault as the domain went away, so a crash is
@@ -50,15 +54,15 @@ STALL_WINDOW=45
 dom_exists() {
   local rc i
   for i in 1 2 3; do
-    rc=0; xenstore-exists "/local/domain/$1" 2>/dev/null || rc=$?
+    rc=0; timeout 10 xenstore-exists "/local/domain/$1" 2>/dev/null || rc=$?
     [ "$rc" -gt 1 ] || return "$rc"
     echo "xenstore-exists /local/domain/$1: exit $rc (try $i)" >&2
     sleep 0.2
   done
-  xl list 2>/dev/null | awk -v d="$1" '$2 == d {f = 1} END {exit !f}'
+  timeout 10 xl list 2>/dev/null | awk -v d="$1" '$2 == d {f = 1} END {exit !f}'
 }
 # guest_cpu DOMID: the guest's CPU seconds so far ("" if xl cannot say).
-guest_cpu() { xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
+guest_cpu() { timeout 10 xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
 
 # run_mode MODE: one guest; runs in a subshell (its `exit` ends the mode).
 run_mode() {
@@ -91,7 +95,7 @@ run_mode() {
   dm_procs() {
     local rc i
     for i in 1 2 3; do
-      rc=0; pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
+      rc=0; timeout 10 pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
       [ "$rc" -gt 1 ] || return 0
     done
     echo "pgrep-failed-$rc"
@@ -194,7 +198,7 @@ WRAP
   dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
   tick; prog_t=$NOW prog_cpu=0 prog_act="" polls=0
   while dom_exists "$domid"; do
-    if [ -z "$started" ] && grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
+    if [ -z "$started" ] && timeout 10 grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
       started=1
       timing guest_start_s "$(since "$t_unpause")"
     fi
@@ -213,7 +217,7 @@ WRAP
       echo "$NOW" > "$TOP/heartbeat"   # (also if the background one died)
       # (a crashed helper gives "", which counts as progress)
       cpu=$(guest_cpu "$domid"); cpu=${cpu%%.*}
-      act=$(stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
+      act=$(timeout 10 stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
       case $cpu in ""|*[!0-9]*) cpu="" ;; esac
       if [ -z "$cpu" ] || [ -z "$act" ] || [ "$act" != "$prog_act" ] || [ "$cpu" -gt "$prog_cpu" ]; then
         tick; prog_t=$NOW prog_cpu=${cpu:-$prog_cpu} prog_act=$act
