@@ -95,7 +95,8 @@ run_mode() {
   dm_procs() {
     local rc i
     for i in 1 2 3; do
-      rc=0; timeout 10 pgrep -f -r R,S,D,T,t,I xen-usb-dm || rc=$?
+      # ([x]: the pattern must not match timeout's own command line)
+      rc=0; timeout 10 pgrep -f -r R,S,D,T,t,I '[x]en-usb-dm' || rc=$?
       [ "$rc" -gt 1 ] || return 0
     done
     echo "pgrep-failed-$rc"
