@@ -27,8 +27,9 @@
 # before its /init; that mode then runs again with a fresh guest and stick
 # (the attempt kept as run/MODE.tryN, a line in run/MODE/guest-retries.txt),
 # GUEST_ATTEMPTS guests in all; when the last one stalls too, the mode is
-# left without run/MODE/done and run.sh tries it in a new boot. run/heartbeat is rewritten every 10 s, so
-# run.sh can tell a stuck guest (dom0 alive) from a frozen boot.
+# left without run/MODE/done and run.sh tries it in a new boot. While it waits for a guest it rewrites
+# run/heartbeat every ~5 s, so run.sh can tell a stuck guest (dom0 alive)
+# from a frozen boot, and a stuck wait (the share stands still) too.
 set -euo pipefail
 TOP=/mnt/share/run
 . "$TOP/params.env"
@@ -54,15 +55,15 @@ STALL_WINDOW=45
 dom_exists() {
   local rc i
   for i in 1 2 3; do
-    rc=0; timeout 10 xenstore-exists "/local/domain/$1" 2>/dev/null || rc=$?
+    rc=0; timeout -k 2 10 xenstore-exists "/local/domain/$1" 2>/dev/null || rc=$?
     [ "$rc" -gt 1 ] || return "$rc"
     echo "xenstore-exists /local/domain/$1: exit $rc (try $i)" >&2
     sleep 0.2
   done
-  timeout 10 xl list 2>/dev/null | awk -v d="$1" '$2 == d {f = 1} END {exit !f}'
+  timeout -k 2 10 xl list 2>/dev/null | awk -v d="$1" '$2 == d {f = 1} END {exit !f}'
 }
 # guest_cpu DOMID: the guest's CPU seconds so far ("" if xl cannot say).
-guest_cpu() { timeout 10 xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
+guest_cpu() { timeout -k 2 10 xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
 
 # run_mode MODE: one guest; runs in a subshell (its `exit` ends the mode).
 run_mode() {
@@ -96,7 +97,7 @@ run_mode() {
     local rc i
     for i in 1 2 3; do
       # ([x]: the pattern must not match timeout's own command line)
-      rc=0; timeout 10 pgrep -f -r R,S,D,T,t,I '[x]en-usb-dm' || rc=$?
+      rc=0; timeout -k 2 10 pgrep -f -r R,S,D,T,t,I '[x]en-usb-dm' || rc=$?
       [ "$rc" -gt 1 ] || return 0
     done
     echo "pgrep-failed-$rc"
@@ -199,7 +200,7 @@ WRAP
   dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
   tick; prog_t=$NOW prog_cpu=0 prog_act="" polls=0
   while dom_exists "$domid"; do
-    if [ -z "$started" ] && timeout 10 grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
+    if [ -z "$started" ] && timeout -k 2 10 grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
       started=1
       timing guest_start_s "$(since "$t_unpause")"
     fi
@@ -215,10 +216,13 @@ WRAP
       touch /tmp/stall-test-done; xl pause "$domid"; echo "stall test: paused $NAME"
     fi
     if [ $((polls % 10)) = 0 ]; then
-      echo "$NOW" > "$TOP/heartbeat"   # (also if the background one died)
+      # The heartbeat comes from this loop only: if the loop itself gets
+      # stuck (it did, twice, in 4.20's wrap mode; the cause is not found
+      # yet), run.sh sees the share stand still and retries the boot.
+      echo "$NOW" > "$TOP/heartbeat"
       # (a crashed helper gives "", which counts as progress)
       cpu=$(guest_cpu "$domid"); cpu=${cpu%%.*}
-      act=$(timeout 10 stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
+      act=$(timeout -k 2 10 stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
       case $cpu in ""|*[!0-9]*) cpu="" ;; esac
       if [ -z "$cpu" ] || [ -z "$act" ] || [ "$act" != "$prog_act" ] || [ "$cpu" -gt "$prog_cpu" ]; then
         tick; prog_t=$NOW prog_cpu=${cpu:-$prog_cpu} prog_act=$act
@@ -281,8 +285,6 @@ WRAP
   fi
 }
 
-( while :; do date +%s > "$TOP/heartbeat"; sleep 10; done ) &
-heartbeat=$!
 for mode in $MODES; do
   cp "$TOP/$mode/guest.cfg" "/tmp/guest-$mode.cfg"
   size=$(stat -c %s "$TOP/$mode/stick.img")
@@ -312,7 +314,6 @@ for mode in $MODES; do
     done > "$TOP/$mode/guest-retries.txt"
   done
 done
-kill "$heartbeat" 2>/dev/null || true
 # dom0's kernel log: the segfaults of dom0 processes show up there.
 dmesg > "$TOP/dom0-dmesg.log" 2>&1 || true
 grep -E 'segfault|trap' "$TOP/dom0-dmesg.log" | head -5 || true

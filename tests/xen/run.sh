@@ -46,9 +46,9 @@ PCI=${XTB_PCI:-00:1e.0}
 STICK_BYTES=$((16 << 20))
 # Freeze: the outer QEMU used less than FREEZE_CPU s of CPU in the last
 # FREEZE_WINDOW s while neither its console nor the share moved; hung:
-# neither moved for HANG_WINDOW s, whatever the CPU. Once dom0 runs its
-# script it touches run/heartbeat every 10 s, so both mean that dom0
-# itself stopped (a stuck guest is dom0-run.sh's business).
+# neither moved for HANG_WINDOW s, whatever the CPU. While dom0 waits for a
+# guest it touches run/heartbeat every ~5 s, so both mean that dom0 or its
+# wait stopped (a stuck guest is dom0-run.sh's business).
 FREEZE_WINDOW=60 FREEZE_CPU=3 HANG_WINDOW=150
 log() { echo "xen $XEN: $*" >&2; }
 
