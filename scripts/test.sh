@@ -20,6 +20,6 @@ tests/guest/run-matrix.sh
 echo "== passthrough (QEMU's USB devices, real to a VM's usbfs, through our xHCI)"
 eval "$(tests/guest/fetch.sh 2>/dev/null)"
 for k in $KERNELS; do PT_KERNEL=$k tests/passthrough/run.sh check; done
-echo "== real Xen (Xen 4.20 + dom0 in QEMU 7.2; an HVM guest drives our xHCI as a secondary ioreq server)"
+echo "== real Xen (Xen 4.20 with a trixie dom0 and Xen 4.17 with a bookworm dom0, in QEMU 7.2; HVM guests drive our xHCI as a secondary ioreq server)"
 cargo build --release -q -p devmodel
 tests/xen/run.sh target/release/xen-usb-dm

@@ -8,7 +8,10 @@
 #   XTB-DOM0-FAIL <why>        set-up failed
 #   XTB-DOM0-END               run script finished
 set -euo pipefail
-export PATH=/usr/lib/xen-4.20/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
+# Xen's tools (xenstored, xen-init-dom0, xenconsoled) live in
+# /usr/lib/xen-SERIES/bin: 4.20 in the trixie image, 4.17 in bookworm's.
+XENBIN=$(echo /usr/lib/xen-4.*/bin)
+export PATH=$XENBIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 trap 'echo "XTB-DOM0-FAIL line $LINENO"; sync; busybox poweroff -f' ERR
 mount -t proc proc /proc
 mount -t sysfs sys /sys

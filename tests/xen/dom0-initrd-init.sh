@@ -5,6 +5,8 @@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# virtio_pci is a module in 6.1 (bookworm), built in in 6.12
+modprobe virtio_pci
 modprobe virtio_blk
 modprobe ext4
 i=0

@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# Builds and caches the real-Xen test bed (see README.md), outside the clone
-# in ${XEN_USB_CACHE:-~/.cache/xen-usb-dm}, keyed by package version and by
-# the hash of the scripts baked into each artefact. Only Debian packages are
-# downloaded. Idempotent; well under a second when everything is cached.
+# fetch.sh [XEN_SERIES]     (4.20, the default, or 4.17)
+# Builds and caches the real-Xen test bed for one Xen series (see
+# README.md), outside the clone in ${XEN_USB_CACHE:-~/.cache/xen-usb-dm},
+# keyed by package version and by the hash of the scripts baked into each
+# artefact. Only Debian packages are downloaded. Idempotent; well under a
+# second when everything is cached.
 #
-#   Xen hypervisor ELF     xen-hypervisor-4.20-amd64 (trixie), from the
-#                          dom0 root file system so tools and hypervisor match
-#   dom0 + guest kernel    trixie's Debian kernel, the one tests/guest/fetch.sh
-#                          caches (kernel-VER)
+#   series  dom0 suite  kernel (dom0 and guest)   libxl's QEMU
+#   4.20    trixie      trixie's 6.12             qemu-system-xen 10.0
+#   4.17    bookworm    bookworm's 6.1            qemu-system-xen 7.2
+#
+#   Xen hypervisor ELF     xen-hypervisor-SERIES-amd64, from the dom0 root
+#                          file system so tools and hypervisor match
+#   dom0 + guest kernel    the suite's Debian kernel, the one
+#                          tests/guest/fetch.sh caches (kernel-VER)
 #   dom0 initrd            busybox: virtio_blk + ext4, switch_root to /dev/vda
-#   dom0 image             debootstrap'ed trixie (xen-utils, xenstore-utils,
-#                          qemu-system-xen, busybox) as ext4 made with
+#   dom0 image             debootstrap'ed suite (+ its -updates and -security
+#                          for bookworm) with xen-utils, xenstore-utils,
+#                          qemu-system-xen, busybox as ext4 made with
 #                          mkfs.ext4 -d, /sbin/xtb-init = dom0-init.sh
 #   guest initrd           busybox + xhci_pci, usb-storage, sd_mod and their
 #                          dependencies, /init = guest-init.sh
 #
-# Prints shell assignments for the caller to eval (OUTER_QEMU XEN_ELF
-# XEN_VERSION KERNEL_VERSION DOM0_KERNEL DOM0_INITRD DOM0_IMG GUEST_KERNEL
-# GUEST_INITRD XEN_USB_CACHE); progress and "fetch: ok ..." go to stderr.
+# Prints shell assignments for the caller to eval (OUTER_QEMU XEN_SERIES
+# XEN_ELF XEN_VERSION KERNEL_VERSION DOM0_KERNEL DOM0_INITRD DOM0_IMG
+# GUEST_KERNEL GUEST_INITRD QEMU_XEN XEN_USB_CACHE); progress and
+# "fetch: ok ..." go to stderr.
 # Host packages (QEMU 7.2, debootstrap, ...) come from scripts/setup.sh.
 set -euo pipefail
 shopt -s inherit_errexit
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${XEN_USB_CACHE:-$HOME/.cache/xen-usb-dm}
 mkdir -p "$CACHE"
-log() { echo "xen fetch: $*" >&2; }
+XEN_SERIES=${1:-4.20}
+log() { echo "xen fetch ($XEN_SERIES): $*" >&2; }
 now() { date +%s; }
 t_start=$(now)
 
@@ -43,7 +52,13 @@ OUTER_QEMU=$(command -v qemu-system-x86_64)
 # and its fast path makes this cheap).
 eval "$("$HERE/../guest/fetch.sh" 2>/dev/null)" \
   || { log "tests/guest/fetch.sh failed; run it for details"; exit 1; }
-KERNEL_VERSION=${KERNELS##* }          # the trixie kernel (second entry)
+case $XEN_SERIES in
+  4.20) SUITE=trixie
+        KERNEL_VERSION=${KERNELS##* } ;;     # the trixie kernel (second entry)
+  4.17) SUITE=bookworm
+        KERNEL_VERSION=${KERNELS%% *} ;;     # the bookworm kernel (first entry)
+  *) log "unknown Xen series $XEN_SERIES (4.20 or 4.17)"; exit 2 ;;
+esac
 KDIR=$XEN_USB_CACHE/kernel-$KERNEL_VERSION
 
 # One fetch at a time per cache (the guest bed uses the same lock).
@@ -56,8 +71,8 @@ flock 9
 # rebuilds what it is part of (and only that).
 key() { cat "$@" | sha256sum | cut -c1-12; }
 FETCH_KEY=$(key "${BASH_SOURCE[0]}" "$HERE/mkinitrd.sh" "$HERE/dom0-initrd-init.sh" \
-  "$HERE/dom0-init.sh" "$HERE/guest-init.sh" <(echo "$KERNEL_VERSION $BUSYBOX"))
-RESOLVED=$CACHE/xen-resolved.env
+  "$HERE/dom0-init.sh" "$HERE/guest-init.sh" <(echo "$XEN_SERIES $KERNEL_VERSION $BUSYBOX"))
+RESOLVED=$CACHE/xen-resolved-$XEN_SERIES.env
 if [ "${XEN_USB_REFRESH:-0}" != 1 ] && [ -f "$RESOLVED" ] && [ "$RESOLVED" -nt "$stamp" ] \
    && grep -qx "FETCH_KEY=$FETCH_KEY" "$RESOLVED" \
    && ( . "$RESOLVED"; for f in "$XEN_ELF" "$DOM0_KERNEL" "$DOM0_INITRD" "$DOM0_IMG" \
@@ -67,10 +82,18 @@ if [ "${XEN_USB_REFRESH:-0}" != 1 ] && [ -f "$RESOLVED" ] && [ "$RESOLVED" -nt "
   exit 0
 fi
 
-# --- dom0 root file system (debootstrap, trixie) ----------------------------
-SUITE=trixie
-XEN_SERIES=4.20
-XEN_VERSION=$(tapt apt-cache policy "xen-utils-$XEN_SERIES" | awk '/Candidate:/ {print $2}')
+# --- dom0 root file system (debootstrap) --------------------------------------
+# The candidate version keys the cache: trixie's from the private lists,
+# bookworm's from the host's (Debian 12, with bookworm-security).
+if [ "$SUITE" = trixie ]; then
+  XEN_VERSION=$(tapt apt-cache policy "xen-utils-$XEN_SERIES" | awk '/Candidate:/ {print $2}')
+else
+  XEN_VERSION=$(apt-cache policy "xen-utils-$XEN_SERIES" 2>/dev/null | awk '/Candidate:/ {print $2}')
+  case "$XEN_VERSION" in ""|"(none)")
+    log "apt-get update (host)"; apt-get update -q >/dev/null
+    XEN_VERSION=$(apt-cache policy "xen-utils-$XEN_SERIES" | awk '/Candidate:/ {print $2}') ;;
+  esac
+fi
 case "$XEN_VERSION" in ""|"(none)") log "xen-utils-$XEN_SERIES not found in $SUITE"; exit 1;; esac
 XD=$CACHE/xen-${XEN_VERSION//[:~+]/_}
 ROOTFS=$XD/rootfs
@@ -86,6 +109,21 @@ if [ ! -f "$ROOTFS/.complete" ]; then
   debootstrap --variant=minbase --components=main --include="$PKGS" \
       "$SUITE" "$ROOTFS.tmp" http://deb.debian.org/debian > "$XD/debootstrap.log" 2>&1 \
     || { log "debootstrap failed, see $XD/debootstrap.log"; tail -5 "$XD/debootstrap.log" >&2; exit 1; }
+  if [ "$SUITE" = bookworm ]; then
+    # Bookworm's Xen fixes come through bookworm-security: upgrade so the
+    # hypervisor and the tools are the current point release, as users run.
+    cat > "$ROOTFS.tmp/etc/apt/sources.list" <<SRC
+deb http://deb.debian.org/debian bookworm main
+deb http://deb.debian.org/debian bookworm-updates main
+deb http://deb.debian.org/debian-security bookworm-security main
+SRC
+    { chroot "$ROOTFS.tmp" apt-get update -q \
+      && DEBIAN_FRONTEND=noninteractive chroot "$ROOTFS.tmp" apt-get -y -q \
+           -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold upgrade
+    } >> "$XD/debootstrap.log" 2>&1 \
+      || { log "upgrade from bookworm-security failed, see $XD/debootstrap.log"; tail -5 "$XD/debootstrap.log" >&2; exit 1; }
+  fi
+  for m in $(awk -v p="$ROOTFS.tmp/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r); do umount -l "$m"; done
   trap - EXIT
   chroot "$ROOTFS.tmp" apt-get clean
   rm -rf "$ROOTFS.tmp"/var/lib/apt/lists/* "$ROOTFS.tmp"/usr/share/{doc,man,locale}/*
@@ -93,8 +131,8 @@ if [ ! -f "$ROOTFS/.complete" ]; then
   touch "$ROOTFS.tmp/.complete"
   rm -rf "$ROOTFS"; mv "$ROOTFS.tmp" "$ROOTFS"
   log "debootstrap done in $(( $(now) - t )) s"
-  # Older Xen versions' trees and images (about 1 GiB each) go.
-  for d in "$CACHE"/xen-*/; do [ "${d%/}" = "$XD" ] || rm -rf "$d"; done
+  # Older versions of this series (trees and images, about 1 GiB each) go.
+  for d in "$CACHE"/xen-"$XEN_SERIES".*/; do [ "${d%/}" = "$XD" ] || rm -rf "$d"; done
 fi
 XEN_VERSION=$(cat "$ROOTFS/.xen-version")
 
@@ -106,6 +144,14 @@ if [ ! -f "$XEN_ELF" ]; then
   gunzip -c "$gz" > "$XEN_ELF.tmp" && mv "$XEN_ELF.tmp" "$XEN_ELF"
 fi
 
+# libxl's QEMU in this root: Debian's qemu-system-xen puts it in
+# /usr/libexec (xen-utils' libxl looks there); what the wrapper execs.
+QEMU_XEN=""
+for q in /usr/libexec/xen-qemu-system-i386 /usr/lib/xen-"$XEN_SERIES"/bin/qemu-system-i386; do
+  if [ -e "$ROOTFS$q" ]; then QEMU_XEN=$q; break; fi
+done
+[ -n "$QEMU_XEN" ] || { log "no qemu-system-i386 for libxl in the dom0 root"; exit 1; }
+
 # --- initrds ------------------------------------------------------------------
 DOM0_KERNEL=$KDIR/boot/vmlinuz-$KERNEL_VERSION
 GUEST_KERNEL=$DOM0_KERNEL
@@ -114,7 +160,7 @@ DOM0_INITRD=$XD/dom0-initrd-$KERNEL_VERSION-$k.cpio.gz
 if [ ! -f "$DOM0_INITRD" ]; then
   log "dom0 initrd"
   BUSYBOX=$BUSYBOX "$HERE/mkinitrd.sh" "$KDIR" "$KERNEL_VERSION" "$DOM0_INITRD.tmp" \
-      "$HERE/dom0-initrd-init.sh" virtio_blk ext4 crc32c_generic
+      "$HERE/dom0-initrd-init.sh" virtio_pci virtio_blk ext4 crc32c_generic
   rm -f "$XD"/dom0-initrd-*.cpio.gz; mv "$DOM0_INITRD.tmp" "$DOM0_INITRD"
 fi
 k=$(key "$HERE/mkinitrd.sh" "$HERE/guest-init.sh" <(echo "$BUSYBOX"))
@@ -148,6 +194,7 @@ fi
 
 {
   echo "OUTER_QEMU=$OUTER_QEMU"
+  echo "XEN_SERIES=$XEN_SERIES"
   echo "XEN_ELF=$XEN_ELF"
   echo "XEN_VERSION=$XEN_VERSION"
   echo "KERNEL_VERSION=$KERNEL_VERSION"
@@ -156,6 +203,7 @@ fi
   echo "DOM0_IMG=$DOM0_IMG"
   echo "GUEST_KERNEL=$GUEST_KERNEL"
   echo "GUEST_INITRD=$GUEST_INITRD"
+  echo "QEMU_XEN=$QEMU_XEN"
   echo "XEN_USB_CACHE=$CACHE"
   echo "FETCH_KEY=$FETCH_KEY"
 } > "$RESOLVED.tmp"

@@ -9,9 +9,11 @@
 #   PCI <bdf>=<class> ...          what the guest sees on bus 0
 #   RESULT <name> PASS|FAIL <detail>
 #   HOSTCHECK <offset> <length> <sha256>   dom0 re-reads the image there
+#   IRQ before-io|after-io <xhci_hcd's /proc/interrupts line>
 #   KLOG <kernel line>             the kernel's USB, SCSI and sd lines
 #   GUEST-DONE
-# Kernel command line: stick_bytes=N (expected size of the stick).
+# Kernel command line: stick_bytes=N (expected size of the stick),
+# irq_model=ERE (what xhci_hcd's /proc/interrupts line must match; _ = blank).
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -19,6 +21,9 @@ mount -t tmpfs tmp /tmp
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 res() { echo "RESULT $1 $2 $3"; }
+irq_count() {
+  awk '/xhci[-_]hcd/ {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts
+}
 echo "GUEST-START $(ms)"
 
 checks() {
@@ -40,9 +45,20 @@ checks() {
   i=0; while [ ! -b /dev/sda ] && [ $i -lt 900 ]; do usleep 100000; i=$((i + 1)); done
   if [ -b /dev/sda ]; then res sda PASS "$(( $(ms) - t0 ))ms"
   else res sda FAIL "no /dev/sda after 90 s"; return; fi
-  # "count chip" of xhci_hcd's first vector (PCI-MSIX/PCI-MSI/IO-APIC).
-  irqs=$(awk '/xhci_hcd/ {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts)
-  [ "${irqs%% *}" -gt 0 ] 2>/dev/null && res irq PASS "$irqs" || res irq FAIL "no xhci_hcd interrupts"
+  # "count chip" of xhci_hcd's first vector (PCI-MSIX/PCI-MSI/IO-APIC, or
+  # xen-pirq under XENFEAT_hvm_pirqs), and whether it rises over the I/O.
+  # (MSI/MSI-X vectors are named xhci_hcd, a legacy INTx line
+  # xhci-hcd:usb1, after the hc_driver's description.)
+  irqs=$(irq_count)
+  [ "${irqs%% *}" -gt 0 ] 2>/dev/null && res irq PASS "$irqs" || { res irq FAIL "no xhci_hcd interrupts"; sed 's/  */ /g; s/^/IRQ all/' /proc/interrupts; }
+  grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g; s/^/IRQ before-io/'
+  # The interrupt model the series and mode must give (irq_model=, an ERE
+  # on xhci_hcd's /proc/interrupts line with blanks squeezed, _ for blank).
+  want=$(arg irq_model | tr _ ' ')
+  if [ -n "$want" ]; then
+    line=$(grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g' | head -1)
+    echo "$line" | grep -qE "$want" && res irq_model PASS "$want" || res irq_model FAIL "want /$want/"
+  fi
 
   want=$(arg stick_bytes)
   size=$(blockdev --getsize64 /dev/sda)
@@ -68,6 +84,10 @@ checks() {
   got=$(dd if=/dev/sda bs=64k skip=64 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
   [ "$got" = "$sum" ] && res readback PASS "$(( $(ms) - t0 ))ms" || res readback FAIL "sha256 differs"
   echo "HOSTCHECK $off $len $sum"
+  grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g; s/^/IRQ after-io/'
+  irqs2=$(irq_count)
+  [ "${irqs2%% *}" -gt "${irqs%% *}" ] 2>/dev/null && res irq_rising PASS "${irqs%% *} -> $irqs2" \
+    || res irq_rising FAIL "${irqs%% *} -> $irqs2"
   sleep 5
 }
 checks

@@ -1,52 +1,79 @@
 #!/usr/bin/env bash
 # run.sh DM_BINARY|none
-# One real-Xen run: Xen 4.20 + Debian dom0 inside QEMU 7.2 (TCG); in one
-# dom0 boot, one HVM guest per mode, one after the other, gets DM_BINARY as
-# its secondary device model (xHCI at $XTB_PCI with a 16 MiB stick) and
-# drives the stick (see guest-init.sh, dom0-run.sh). Modes:
+# The real-Xen runs: for each Xen series in XTB_XEN (default "4.20 4.17"),
+# that Xen + its Debian dom0 inside QEMU 7.2 (TCG) — 4.20 with a trixie
+# dom0 and 6.12 guest kernel, 4.17 with a bookworm dom0 and 6.1 guest kernel
+# (see fetch.sh); in one dom0 boot, one HVM guest per mode, one after the
+# other, gets DM_BINARY as its secondary device model (xHCI at $XTB_PCI with
+# a 16 MiB stick) and drives the stick (see guest-init.sh, dom0-run.sh).
+# Modes:
 #   beside  dom0 creates the guest paused, starts DM_BINARY next to it,
 #           unpauses it;
 #   wrap    the guest's device_model_override runs DM_BINARY --wrap QEMU,
-#           so libxl starts and stops it with the guest.
+#           so libxl starts and stops it with the guest;
+#   intx    as beside, the guest booted with pci=nomsi (xhci_hcd on INTx).
+# Default modes: 4.20 "beside wrap", 4.17 "beside wrap intx"
+# (XTB_MODES sets them for every series).
 # `none` runs no device model (beside only): the guest then reports that it
 # found no xHCI, which checks the plumbing alone.
 #
-# About one boot in three of the nested set-up freezes (the outer QEMU stops
-# using CPU); such a boot is killed and retried, up to XTB_ATTEMPTS boots in
-# all; a retry runs only the modes that did not finish.
-# Prints every RESULT (named MODE/check), the timings, one summary line per
-# mode and "xen: N passed, M failed"; exits non-zero on any failure.
-# Env: XTB_MODES ("beside wrap"), XTB_ATTEMPTS (3), XTB_TIMEOUT (whole run,
-# s, 840), XTB_GUEST_TIMEOUT
-# (guest power-on to power-off in dom0, s, 420), XTB_PCI (00:1e.0),
-# XTB_WORK (work directory, default a fresh one under /tmp), KEEP=1 (keep it
-# also on success), XTB_STICK_ON_SHARE (1: serve the stick from the 9p
-# share, the default; 0: from dom0's tmpfs), XTB_GUEST_CMDLINE (guest console options).
+# A guest that stops making progress is destroyed in dom0 and that mode run
+# again in the same dom0 boot (dom0-run.sh, up to XTB_GUEST_ATTEMPTS guests
+# per mode). A boot of the nested set-up can also freeze as a whole (the
+# outer QEMU stops using CPU, dom0's heartbeat stops); such a boot is killed
+# and retried, up to XTB_ATTEMPTS boots in all; a retry runs only the modes
+# that did not finish.
+# Prints every RESULT (named SERIES/MODE/check), the timings, one summary
+# line per mode and "xen: N passed, M failed"; exits non-zero on any failure.
+# Env: XTB_XEN ("4.20 4.17"), XTB_MODES, XTB_ATTEMPTS (3), XTB_GUEST_ATTEMPTS
+# (2), XTB_TIMEOUT (per series, s, 840; 1020 for 4.17), XTB_GUEST_TIMEOUT (guest power-on to
+# power-off in dom0, s, 420), XTB_PCI (00:1e.0), XTB_WORK (work directory,
+# default a fresh one under /tmp; one subdirectory per series), KEEP=1 (keep
+# it also on success), XTB_STICK_ON_SHARE (1: serve the stick from the 9p
+# share, the default; 0: from dom0's tmpfs), XTB_GUEST_CMDLINE (guest
+# console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info),
+# XTB_STALL_TEST=1 (dom0 pauses the first guest after 20 s: checks the
+# in-dom0 retry), XTB_OUTER_QEMU (instead of the host's QEMU 7.2; a stand-in
+# to test these scripts).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DM=${1:?usage: run.sh DM_BINARY|none}
+SERIES=${XTB_XEN:-4.20 4.17}
 ATTEMPTS=${XTB_ATTEMPTS:-3}
-TIMEOUT=${XTB_TIMEOUT:-840}
-MODES=${XTB_MODES:-beside wrap}
-[ "$DM" != none ] || MODES=beside
-# libxl's QEMU in the dom0 image (Debian's qemu-system-xen), what the
-# wrapper execs.
-QEMU_XEN=/usr/libexec/xen-qemu-system-i386
+GUEST_ATTEMPTS=${XTB_GUEST_ATTEMPTS:-2}
 GUEST_TIMEOUT=${XTB_GUEST_TIMEOUT:-420}
 PCI=${XTB_PCI:-00:1e.0}
 STICK_BYTES=$((16 << 20))
 # Freeze: the outer QEMU used less than FREEZE_CPU s of CPU in the last
-# FREEZE_WINDOW s while neither its console nor the share moved.
-FREEZE_WINDOW=60 FREEZE_CPU=3
-log() { echo "xen: $*" >&2; }
-t_run=$(date +%s)
+# FREEZE_WINDOW s while neither its console nor the share moved; hung:
+# neither moved for HANG_WINDOW s, whatever the CPU. While dom0 waits for a
+# guest it touches run/heartbeat every ~5 s, so both mean that dom0 or its
+# wait stopped (a stuck guest is dom0-run.sh's business).
+FREEZE_WINDOW=60 FREEZE_CPU=3 HANG_WINDOW=150
+log() { echo "xen $XEN: $*" >&2; }
 
 if [ "$DM" != none ]; then
-  [ -x "$DM" ] || { log "$DM: not an executable"; exit 2; }
+  [ -x "$DM" ] || { echo "xen: $DM: not an executable" >&2; exit 2; }
 fi
-eval "$("$HERE/fetch.sh")"
 
-W=${XTB_WORK:-$(mktemp -d /tmp/xen-usb-dm-xen.XXXXXX)}
+# run_series SERIES: one Xen series, all its modes (in a subshell: its
+# variables and exits stay there). Ends with "xen SERIES: N passed, M failed".
+run_series() {
+XEN=$1
+t_run=$(date +%s)
+# 4.17 runs three guests, each slower to boot (firmware and kernel load
+# take ~100 s there, ~40 s on 4.20): its budget leaves room for one more
+# whole boot too.
+case $XEN in
+  4.17) MODES=${XTB_MODES:-beside wrap intx} TIMEOUT=${XTB_TIMEOUT:-1020} ;;
+  *)    MODES=${XTB_MODES:-beside wrap} TIMEOUT=${XTB_TIMEOUT:-840} ;;
+esac
+[ "$DM" != none ] || MODES=beside
+eval "$("$HERE/fetch.sh" "$XEN")"
+OUTER_QEMU=${XTB_OUTER_QEMU:-$OUTER_QEMU}
+
+if [ -n "${XTB_WORK:-}" ]; then W=$XTB_WORK/$XEN; mkdir -p "$W"
+else W=$(mktemp -d "/tmp/xen-usb-dm-xen-$XEN.XXXXXX"); fi
 S=$W/share
 mkdir -p "$S"
 cp "$HERE/dom0-run.sh" "$S/"
@@ -81,8 +108,22 @@ DM_READY_WAIT=20
 DM_EXIT_WAIT=10
 STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-1}
 QEMU_XEN=$QEMU_XEN
+GUEST_ATTEMPTS=$GUEST_ATTEMPTS
+DM_LOG=${XTB_DM_LOG:-info}
+STALL_TEST=${XTB_STALL_TEST:-0}
 MODES="$pending"
 EOF
+}
+
+irq_model() { # irq_model MODE: " irq_model=ERE" for the guest (guest-init.sh)
+  # 4.17's libxl gives the guest XENFEAT_hvm_pirqs: MSI-X and INTx both
+  # arrive as pirqs (event channels); 4.20's does not.
+  case $XEN/$1 in
+    4.17/intx) echo " irq_model=xen-pirq.*ioapic" ;;
+    4.17/*)    echo " irq_model=xen-pirq.*msi" ;;
+    */intx)    echo " irq_model=IO-APIC" ;;
+    *)         echo " irq_model=PCI-MSI" ;;
+  esac
 }
 
 guest_cfg() { # guest_cfg MODE: the xl configuration of that mode's guest
@@ -93,7 +134,7 @@ memory = 256
 vcpus = 1
 kernel = "/mnt/share/vmlinuz"
 ramdisk = "/mnt/share/guest-initrd.gz"
-cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES"
+cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES$([ "$1" != intx ] || echo " pci=nomsi")$(irq_model "$1")"
 serial = "file:/var/log/xen/xtb-$1-serial.log"
 vga = "none"
 vnc = 0
@@ -157,11 +198,15 @@ boot() {
     if [ $((now - t0)) -ge "$limit" ]; then status=timeout; stop_qemu "$qpid"; break; fi
     if [ $((i % 5)) = 0 ]; then
       cpu+=("$(cpu_s "$qpid")"); act+=("$(activity "$serial")")
-      local k=${#cpu[@]} back=$((FREEZE_WINDOW / 5))
+      local k=${#cpu[@]} back=$((FREEZE_WINDOW / 5)) hback=$((HANG_WINDOW / 5))
       if [ "$k" -gt "$back" ] \
          && [ $(( cpu[k - 1] - cpu[k - 1 - back] )) -lt $FREEZE_CPU ] \
          && [ "${act[k - 1]}" = "${act[k - 1 - back]}" ]; then
         status=frozen; stop_qemu "$qpid"; break
+      fi
+      # Busy but without a sign of life (dom0's heartbeat included).
+      if [ "$k" -gt "$hback" ] && [ "${act[k - 1]}" = "${act[k - 1 - hback]}" ]; then
+        status=hung; stop_qemu "$qpid"; break
       fi
     fi
   done
@@ -191,9 +236,13 @@ for n in $(seq "$ATTEMPTS"); do
       cp "$gc" "$W/guest-panic-$n-$mode.log"
       rm -f "$S/run/$mode/done"
     fi
+    if [ ! -f "$S/run/$mode/done" ] && [ -f "$S/run/$mode/attempt-status" ]; then
+      status="guest-stalled($mode)"   # every guest dom0 tried (dom0-run.sh)
+    fi
     if [ -f "$S/run/$mode/done" ]; then boot_of[$mode]=$n dom0_of[$mode]=$t_dom0; fi
   done
   log "attempt $n ($pending): $status after $t_boot s (dom0 up after $t_dom0 s)"
+  cat "$S"/run/*/guest-retries.txt 2>/dev/null | sed "s/^/xen $XEN: boot $n: /" >&2 || true
   left=$(unfinished)
   if [ -z "$left" ]; then break; fi
   reasons="$reasons $status"
@@ -213,8 +262,8 @@ for mode in $MODES; do
   if [ -f "$R/done" ]; then
     echo "RESULT dom0_boot PASS ${dom0_of[$mode]}s (boot ${boot_of[$mode]})" >> "$mo"
     grep '^RESULT' "$R/results.txt" >> "$mo" || true
-    tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK)' \
-      | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/' >> "$mo" || true
+    tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK|IRQ)' \
+      | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/; s/^IRQ/INFO guest IRQ/' >> "$mo" || true
     # The host's view of the image too (after dom0 and QEMU are gone).
     if read -r _ off len sum < <(tr -d '\r' < "$R/guest-console.log" | grep '^HOSTCHECK'); then
       got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
@@ -225,7 +274,7 @@ for mode in $MODES; do
   else
     echo "RESULT testbed FAIL not finished; last attempt $status after $n attempts" >> "$mo"
   fi
-  sed "s|^RESULT |RESULT $mode/|" "$mo" | tee -a "$out" | sed 's/^/  /'
+  sed "s|^RESULT |RESULT $XEN/$mode/|" "$mo" | tee -a "$out" | sed 's/^/  /'
   guest_start=$(awk '$1 == "TIMING" && $2 == "guest_start_s" {print $3}' "$R/results.txt" 2>/dev/null)
   guest_run=$(awk '$1 == "TIMING" && $2 == "guest_run_s" {print $3}' "$R/results.txt" 2>/dev/null)
   # Where the device model's requests went: it logs its running count at
@@ -234,7 +283,7 @@ for mode in $MODES; do
   # guest's shutdown (xhci_hcd halting the controller), and everything
   # before is firmware, boot and USB enumeration.
   if [ -f "$R/dm.log" ]; then
-    sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk -v mode="$mode" '
+    sed 's/\x1b\[[0-9;]*m//g' "$R/dm.log" | awk -v mode="$XEN $mode" '
       / xen: stats: / {
         split($1, t, "T"); split(t[2], h, ":"); s = h[1] * 3600 + h[2] * 60 + h[3]
         for (i = 1; i <= NF; i++) if ($i == "stats:") n = $(i + 1)
@@ -244,28 +293,42 @@ for mode in $MODES; do
       END {
         if (!seen) exit
         b[++k] = prev - base
-        if (k < 4) { printf "xen: %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
+        if (k < 4) { printf "xen %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
         e = prev - b[k] - b[k - 1] - b[k - 2]
-        printf "xen: %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
+        printf "xen %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
       }'
   fi
   mp=$(grep -c '^RESULT .* PASS' "$mo" || true)
   mf=$(grep -c '^RESULT .* FAIL' "$mo" || true)
-  summaries+=("xen: mode $mode: $mp passed, $mf failed; guest console ${guest_start:--} s and power-off ${guest_run:--} s after unpause (boot ${boot_of[$mode]:--})")
+  gr=$(cat "$R"/guest-retries.txt 2>/dev/null | wc -l)
+  summaries+=("xen $XEN: mode $mode: $mp passed, $mf failed; guest console ${guest_start:--} s and power-off ${guest_run:--} s after unpause (boot ${boot_of[$mode]:--}, guest retries $gr)")
 done
-echo "xen: timings: dom0 up ${t_dom0} s after QEMU start (last boot); last boot ${t_boot} s;" \
-     "whole run $(( $(date +%s) - t_run )) s; retries $retries${reasons:+ (${reasons# })}"
+echo "xen $XEN: timings: dom0 up ${t_dom0} s after QEMU start (last boot); last boot ${t_boot} s;" \
+     "whole run $(( $(date +%s) - t_run )) s; boot retries $retries${reasons:+ (${reasons# })}"
 printf '%s\n' "${summaries[@]}"
 passed=$(grep -c '^RESULT .* PASS' "$out" || true)
 failed=$(grep -c '^RESULT .* FAIL' "$out" || true)
 if [ "$failed" != 0 ] || [ "$passed" = 0 ]; then
-  echo "xen: logs in $W (serial-N.log: Xen + dom0 console; share/run/dom0-run.log;" \
-       "share/run/MODE: dm.log, guest-console.log, ...)"
+  echo "xen $XEN: logs in $W (serial-N.log: Xen + dom0 console; share/run/dom0-run.log;" \
+       "share/run/MODE: dm.log, guest-console.log, ...; MODE.tryN: a guest retried in dom0)"
   for mode in $MODES; do
     if [ -f "$S/run/$mode/dm.log" ]; then tail -5 "$S/run/$mode/dm.log" | sed "s/^/  $mode dm: /"; fi
   done
 elif [ "${KEEP:-0}" != 1 ] && [ -z "${XTB_WORK:-}" ]; then
   rm -rf "$W"
 fi
-echo "xen: $passed passed, $failed failed"
-[ "$failed" = 0 ] && [ "$passed" != 0 ]
+echo "xen $XEN: $passed passed, $failed failed"
+}
+
+total_p=0 total_f=0
+for xen in $SERIES; do
+  t=$(date +%s)
+  ( run_series "$xen" ) 2>&1 | tee "/tmp/xen-usb-dm-xen-$xen-$$.out" || true
+  sum=$(sed -n "s/^xen $xen: \([0-9]*\) passed, \([0-9]*\) failed\$/\1 \2/p" "/tmp/xen-usb-dm-xen-$xen-$$.out" | tail -1)
+  rm -f "/tmp/xen-usb-dm-xen-$xen-$$.out"
+  [ -n "$sum" ] || { echo "xen $xen: run ended without a summary"; sum="0 1"; }
+  total_p=$((total_p + ${sum% *})) total_f=$((total_f + ${sum#* }))
+  echo "xen $xen: series took $(( $(date +%s) - t )) s"
+done
+echo "xen: $total_p passed, $total_f failed"
+[ "$total_f" = 0 ] && [ "$total_p" != 0 ]
