@@ -73,6 +73,22 @@ fn memory_faults() -> u64 {
     MEMORY_FAULTS.load(Ordering::Acquire)
 }
 
+/// Runs the access `f` on `addr..addr + len`; if a memory fault was
+/// absorbed meanwhile, the access fails with [`DmaError::Vanished`]
+/// whatever it returned.
+fn unless_vanished<T>(
+    addr: u64,
+    len: usize,
+    f: impl FnOnce() -> Result<T, DmaError>,
+) -> Result<T, DmaError> {
+    let faults = memory_faults();
+    let r = f();
+    if memory_faults() != faults {
+        return Err(DmaError::Vanished { addr, len });
+    }
+    r
+}
+
 /// Maps guest memory on demand: the Xen transport's map cache, where guest
 /// RAM is mapped bucket by bucket as DMA first touches it instead of all
 /// at once.
@@ -182,17 +198,14 @@ impl GuestRam {
     ) -> Result<T, DmaError> {
         self.ops.fetch_add(1, Ordering::Relaxed);
         Self::check(addr, len)?;
-        let faults = memory_faults();
-        let mut r = f(&self.inner.memory());
-        if r.is_none() && self.mapper.is_some() {
-            self.fault(addr, len, &|m| covers(m, addr, len));
-            r = f(&self.inner.memory());
-        }
-        match r {
-            _ if memory_faults() != faults => Err(DmaError::Vanished { addr, len }),
-            Some(v) => Ok(v),
-            None => Err(DmaError::Unmapped { addr, len }),
-        }
+        unless_vanished(addr, len, || {
+            let mut r = f(&self.inner.memory());
+            if r.is_none() && self.mapper.is_some() {
+                self.fault(addr, len, &|m| covers(m, addr, len));
+                r = f(&self.inner.memory());
+            }
+            r.ok_or(DmaError::Unmapped { addr, len })
+        })
     }
 
     /// Guest-memory operations (reads, writes, range look-ups) made so far
@@ -331,12 +344,7 @@ impl GuestRam {
         src: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
-        let faults = memory_faults();
-        let r = Self::fill_from_inner(&mem, addr, len, src);
-        if memory_faults() != faults {
-            return Err(DmaError::Vanished { addr, len });
-        }
-        r
+        unless_vanished(addr, len, || Self::fill_from_inner(&mem, addr, len, src))
     }
 
     fn fill_from_inner(
@@ -397,12 +405,7 @@ impl GuestRam {
         dst: &mut FileCursor<'_>,
     ) -> Result<(), DmaError> {
         let mem = self.mem(addr, len)?;
-        let faults = memory_faults();
-        let r = Self::drain_to_inner(&mem, addr, len, dst);
-        if memory_faults() != faults {
-            return Err(DmaError::Vanished { addr, len });
-        }
-        r
+        unless_vanished(addr, len, || Self::drain_to_inner(&mem, addr, len, dst))
     }
 
     fn drain_to_inner(
