@@ -5,9 +5,9 @@
 //! over a 1 MiB image shared by the process and 256 KiB of anonymous guest
 //! memory.
 //!
-//! Input: byte 0 picks BOT (high speed) or UAS (SuperSpeed with
-//! `uas = true`, SET_INTERFACE alternate setting 1 after SET_CONFIGURATION)
-//! and read-only or not; then at most [`MAX_OPS`] operations. CDBs are
+//! Input: byte 0 picks BOT (high speed) or UAS (SuperSpeed with streams,
+//! or high speed with Ready IUs; `uas = true`, SET_INTERFACE alternate
+//! setting 1 after SET_CONFIGURATION) and read-only or not; then at most [`MAX_OPS`] operations. CDBs are
 //! mostly well-formed commands the SCSI layer knows, with LBAs and lengths
 //! mostly inside the image.
 //!
@@ -182,7 +182,13 @@ fn run(data: &[u8]) {
     };
     let uas = mode & 1 != 0;
     let readonly = mode & 2 != 0;
-    let speed = if uas { Speed::Super } else { Speed::High };
+    // UAS at SuperSpeed (streams) or, with bit 3, at high speed (Ready
+    // IUs; the stream IDs the ops pick are then ignored).
+    let speed = if uas && mode & 8 == 0 {
+        Speed::Super
+    } else {
+        Speed::High
+    };
     let Ok(dev) = UsbStorage::from_file(image(), readonly, speed) else {
         return;
     };

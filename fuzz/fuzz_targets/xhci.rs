@@ -9,14 +9,12 @@
 //! sequence.
 #![no_main]
 
-use std::io::Write;
-
 use hcd_emul::pci::{InterruptTransport, MsiMessage, PciFunction};
 use hcd_emul::usb::Speed;
 use hcd_emul::xhci::regs::*;
 use hcd_emul::xhci::Xhci;
 use hcd_emul::{GuestRam, UsbStorage};
-use hcd_emul_fuzz::run_small_stack;
+use hcd_emul_fuzz::{image, run_small_stack};
 use libfuzzer_sys::fuzz_target;
 
 const RAM: usize = 256 << 10;
@@ -30,37 +28,12 @@ impl InterruptTransport for NoIrq {
 }
 
 fn stick(speed: Speed) -> Option<Box<UsbStorage>> {
-    let mut f = tempfile_like()?;
-    f.write_all(&[0u8; 64 << 10]).ok()?;
     // SuperSpeed sticks also offer UAS: inputs can reach its engine
-    // through SET_INTERFACE and the stream doorbells.
-    UsbStorage::from_file(f, false, speed)
+    // through SET_INTERFACE and the stream doorbells. The image is the
+    // process's shared one (hcd_emul_fuzz::image).
+    UsbStorage::from_file(image(), false, speed)
         .ok()
         .map(|s| Box::new(s.with_uas(true)))
-}
-
-fn tempfile_like() -> Option<std::fs::File> {
-    // An unlinked file in /tmp: no extra dependency needed.
-    let p = std::env::temp_dir().join(format!(
-        "xhci-fuzz-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&p)
-        .ok()?;
-    let _ = std::fs::remove_file(&p);
-    Some(f)
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 fn w32(pci: &mut PciFunction<Xhci>, off: u64, v: u32) {

@@ -1,8 +1,8 @@
 //! Emulated USB host controllers and the USB core they share.
 //!
 //! Layering (see `docs/design.md`): [`usb`] (device trait, transfers,
-//! descriptors) <- controllers ([`xhci`]) and emulated devices
-//! ([`storage`]); [`pci`] models the PCI function every controller is
+//! descriptors) <- controllers ([`xhci`], [`ehci`], [`uhci`]) and emulated devices
+//! ([`storage`], [`hid`]); [`pci`] models the PCI function every controller is
 //! exposed as; [`mem`] is the only path to guest memory. Nothing here knows
 //! the hypervisor.
 #![forbid(unsafe_code)]
@@ -10,11 +10,17 @@
 
 #[macro_use]
 pub mod ratelimit;
+pub mod capture;
+pub mod hid;
 pub mod mem;
 pub mod storage;
 pub mod usb;
 
-pub use mem::{DmaError, FileCursor, GuestRam, HostRange};
+pub use mem::{DmaError, FileCursor, GuestRam, HostRange, WorkBudget};
 pub use storage::{StorageError, UsbStorage};
+pub mod controller;
+pub mod ehci;
 pub mod pci;
+pub mod poll;
+pub mod uhci;
 pub mod xhci;

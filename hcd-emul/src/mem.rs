@@ -583,6 +583,35 @@ impl WriteVolatile for FileCursor<'_> {
     }
 }
 
+/// The work one guest access (or one wake-up) may cause a controller:
+/// guest-memory operations counted by [`GuestRam::ops`] since the access
+/// began, plus other units the controller counts itself (cancelled
+/// transfers, commands run). Shared by the controllers, which each cap it
+/// with their own limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkBudget {
+    ops_at_start: u64,
+    work: u64,
+}
+
+impl WorkBudget {
+    /// A new access begins: the count starts afresh.
+    pub fn refill(&mut self, ram: &GuestRam) {
+        self.ops_at_start = ram.ops();
+        self.work = 0;
+    }
+
+    /// Counts `n` units of work that are not guest-memory operations.
+    pub fn spend(&mut self, n: u64) {
+        self.work = self.work.saturating_add(n);
+    }
+
+    /// Whether the work done since [`WorkBudget::refill`] is below `limit`.
+    pub fn left(&self, ram: &GuestRam, limit: u64) -> bool {
+        ram.ops().wrapping_sub(self.ops_at_start) + self.work < limit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,13 +49,14 @@ impl Default for RateLimit {
 macro_rules! guest_event {
     ($level:expr, target: $target:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
+        // (only lines someone records use up the budget)
+        if tracing::enabled!(target: $target, $level) && LIMIT.allow() {
             tracing::event!(target: $target, $level, $($arg)+);
         }
     }};
     ($level:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        if LIMIT.allow() {
+        if tracing::enabled!($level) && LIMIT.allow() {
             tracing::event!($level, $($arg)+);
         }
     }};

@@ -196,7 +196,14 @@ impl ConfigSpace {
 
         // Power Management: PM -> MSI.
         cs.init_u8(PM_CAP, CAP_ID_PM, 0, 0);
-        cs.init_u8(PM_CAP + 1, cap_offset(MSI_CAP), 0, 0);
+        let pm_next = if msi_vectors > 0 {
+            cap_offset(MSI_CAP)
+        } else if msix.is_some() {
+            cap_offset(MSIX_CAP)
+        } else {
+            0
+        };
+        cs.init_u8(PM_CAP + 1, pm_next, 0, 0);
         cs.init_u16(PM_PMC, PMC_VERSION_1_2, 0, 0);
         cs.init_u16(
             PM_PMCSR,
@@ -205,24 +212,11 @@ impl ConfigSpace {
             PMCSR_PME_STATUS,
         );
 
-        // MSI: MSI -> MSI-X or end.
-        let mmc = msi_log2(msi_vectors);
-        cs.init_u8(MSI_CAP, CAP_ID_MSI, 0, 0);
-        let msi_next = if msix.is_some() {
-            cap_offset(MSIX_CAP)
-        } else {
-            0
-        };
-        cs.init_u8(MSI_CAP + 1, msi_next, 0, 0);
-        cs.init_u16(
-            MSI_CONTROL,
-            MSI_CONTROL_64BIT | (u16::from(mmc) << MSI_CONTROL_MMC_SHIFT),
-            MSI_CONTROL_ENABLE | MSI_CONTROL_MME,
-            0,
-        );
-        cs.init_u32(MSI_ADDRESS_LO, 0, !0x3, 0);
-        cs.init_u32(MSI_ADDRESS_HI, 0, !0, 0);
-        cs.init_u16(MSI_DATA, 0, !0, 0);
+        // MSI: MSI -> MSI-X or end; none at all for a controller without
+        // MSI (UHCI): the bytes stay 0 and read-only.
+        if msi_vectors > 0 {
+            cs.init_msi(msi_vectors, msix.is_some());
+        }
 
         // MSI-X: last.
         if let Some(m) = msix {
@@ -257,6 +251,24 @@ impl ConfigSpace {
         cs
     }
 
+    /// The MSI capability (64-bit, `vectors` rounded down to a power of
+    /// two), followed by MSI-X if `then_msix`.
+    fn init_msi(&mut self, msi_vectors: u16, then_msix: bool) {
+        let mmc = msi_log2(msi_vectors);
+        self.init_u8(MSI_CAP, CAP_ID_MSI, 0, 0);
+        let next = if then_msix { cap_offset(MSIX_CAP) } else { 0 };
+        self.init_u8(MSI_CAP + 1, next, 0, 0);
+        self.init_u16(
+            MSI_CONTROL,
+            MSI_CONTROL_64BIT | (u16::from(mmc) << MSI_CONTROL_MMC_SHIFT),
+            MSI_CONTROL_ENABLE | MSI_CONTROL_MME,
+            0,
+        );
+        self.init_u32(MSI_ADDRESS_LO, 0, !0x3, 0);
+        self.init_u32(MSI_ADDRESS_HI, 0, !0, 0);
+        self.init_u16(MSI_DATA, 0, !0, 0);
+    }
+
     /// A configuration read of `data.len()` bytes at `offset`. Bytes past
     /// 0x100 read 0 (no extended space).
     pub(super) fn read(&self, offset: u16, data: &mut [u8]) {
@@ -268,6 +280,12 @@ impl ConfigSpace {
                 .copied()
                 .unwrap_or(0);
         }
+    }
+
+    /// The controller's register bytes 0x40..0x80 (see
+    /// `PciController::vendor_config_written`).
+    pub(super) fn vendor_bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[VENDOR_START..PM_CAP]
     }
 
     /// A configuration write of `data.len()` bytes at `offset`; bytes past

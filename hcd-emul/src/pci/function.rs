@@ -480,7 +480,7 @@ impl<C: PciController> PciFunction<C> {
         );
         tracing::debug!(
             target: "pci",
-            msi_vectors = 1u16 << msi_log2(controller.msi_vectors()),
+            msi_vectors = controller.msi_vectors().min(1u16 << msi_log2(controller.msi_vectors())),
             msix = msix.map_or(0, |m| m.vectors),
             "PCI function {:04x}:{:04x}",
             identity.vendor_id,
@@ -577,6 +577,11 @@ impl<C: PciController> PciFunction<C> {
     pub fn config_write(&mut self, offset: u16, data: &[u8]) {
         let old_bus_master = self.state.bus_master();
         self.state.config.write(offset, data);
+        let end = usize::from(offset).saturating_add(data.len());
+        if usize::from(offset) < 0x80 && end > 0x40 {
+            self.controller
+                .vendor_config_written(self.state.config.vendor_bytes_mut());
+        }
         let bus_master = self.state.bus_master();
         if bus_master != old_bus_master {
             self.controller.set_bus_master(bus_master);

@@ -68,6 +68,21 @@ pub struct MsixLayout {
     pub pba_offset: u32,
 }
 
+/// Answers a BAR read of `data.len()` bytes (1-8) at any `offset` from a
+/// register file read 32 bits at a time (`read32(aligned offset)`): the one
+/// or two dwords the access touches, shifted into place. Both controllers
+/// decode their registers as dwords.
+pub fn read_by_dwords(offset: u64, data: &mut [u8], mut read32: impl FnMut(u64) -> u32) {
+    let aligned = offset & !3;
+    let mut v = u64::from(read32(aligned));
+    if data.len() == 8 || (offset & 3) + data.len() as u64 > 4 {
+        v |= u64::from(read32(aligned + 4)) << 32;
+    }
+    let bytes = (v >> ((offset & 3) * 8)).to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&bytes[..n]);
+}
+
 /// How the controller raises interrupts. Provided by [`PciFunction`] to
 /// every controller call.
 pub trait IrqSink {
@@ -117,7 +132,8 @@ pub trait PciController: Send + std::fmt::Debug {
     fn bars(&self) -> Vec<BarInfo>;
     /// MSI-X table placement, if the controller supports MSI-X.
     fn msix(&self) -> Option<MsixLayout>;
-    /// Number of MSI vectors the controller can use (1 = single message).
+    /// Number of MSI vectors the controller can use (1 = single message;
+    /// 0 = no MSI capability, INTx only).
     fn msi_vectors(&self) -> u16 {
         1
     }
@@ -127,6 +143,12 @@ pub trait PciController: Send + std::fmt::Debug {
     fn vendor_config(&self) -> Vec<(u8, u8, u8)> {
         Vec::new()
     }
+    /// The guest wrote configuration space bytes in 0x40..0x80, where the
+    /// controller's registers from [`PciController::vendor_config`] live;
+    /// `vendor` is that range (index 0 = offset 0x40), already updated by
+    /// the writable masks, for registers with behaviour beyond a mask
+    /// (EHCI's BIOS/OS ownership handoff).
+    fn vendor_config_written(&mut self, _vendor: &mut [u8]) {}
     /// A read of `data.len()` bytes (1, 2, 4 or 8) at `offset` in `bar`.
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8], irq: &mut dyn IrqSink);
     /// A write of `data.len()` bytes (1, 2, 4 or 8) at `offset` in `bar`.

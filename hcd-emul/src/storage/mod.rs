@@ -1,7 +1,7 @@
 //! An emulated USB mass-storage device: USB Mass Storage Class Bulk-Only
 //! Transport 1.0 carrying SCSI (SPC-4 / SBC-3 subset), backed by a raw
-//! image file; optionally ([`UsbStorage::with_uas`], SuperSpeed) also USB
-//! Attached SCSI as alternate setting 1 (see [`uas`]).
+//! image file; optionally ([`UsbStorage::with_uas`], SuperSpeed or high
+//! speed) also USB Attached SCSI as alternate setting 1 (see [`uas`]).
 //!
 //! * Chapter-9 requests (USB 2.0 ch. 9, USB 3.2 ch. 9) go through
 //!   [`StdRequests`]; the class requests Bulk-Only Mass Storage Reset and
@@ -88,8 +88,8 @@ pub enum StorageError {
     /// The image size is not a whole number of 512-byte blocks.
     #[error("image size {0} is not a multiple of 512")]
     NotBlockMultiple(u64),
-    /// Only high speed and SuperSpeed are offered.
-    #[error("speed {0:?} is not supported (high or super only)")]
+    /// Only full, high and SuperSpeed are offered (no low-speed bulk).
+    #[error("speed {0:?} is not supported (full, high or super only)")]
     UnsupportedSpeed(Speed),
 }
 
@@ -114,20 +114,22 @@ pub struct UsbStorage {
     need_reset_recovery: bool,
     in_q: VecDeque<Transfer>,
     out_q: VecDeque<Transfer>,
-    /// The UAS engine (alternate setting 1, SuperSpeed only).
+    /// The UAS engine (alternate setting 1; SuperSpeed or high speed).
     uas: Uas,
 }
 
 /// The UAS alternate setting: four bulk pipes, each followed by its Pipe
-/// Usage descriptor; the status and data pipes carry streams.
-fn uas_interface(companion: SsEndpointCompanion) -> InterfaceDescriptor {
+/// Usage descriptor; at SuperSpeed (`companion`) the status and data pipes
+/// carry streams, at high speed (512-byte packets) nothing does.
+fn uas_interface(companion: Option<SsEndpointCompanion>) -> InterfaceDescriptor {
+    let mps = if companion.is_some() { 1024 } else { 512 };
     let ep = |addr, pipe: u8, streams: bool| EndpointDescriptor {
-        ss_companion: Some(SsEndpointCompanion {
+        ss_companion: companion.map(|c| SsEndpointCompanion {
             attributes: if streams { uas::MAX_STREAMS_EXP } else { 0 },
-            ..companion
+            ..c
         }),
         extra: vec![4, uas::DT_PIPE_USAGE, pipe, 0],
-        ..EndpointDescriptor::bulk(addr, 1024)
+        ..EndpointDescriptor::bulk(addr, mps)
     };
     InterfaceDescriptor {
         interface_number: 0,
@@ -147,7 +149,7 @@ fn uas_interface(companion: SsEndpointCompanion) -> InterfaceDescriptor {
 }
 
 /// The descriptors of the drive at `speed` (with the UAS alternate setting
-/// if `uas` and SuperSpeed).
+/// if `uas`, at high speed or SuperSpeed).
 fn descriptor_set(speed: Speed, serial: &str, uas: bool) -> DescriptorSet {
     let ss = speed.is_superspeed();
     let device = DeviceDescriptor {
@@ -200,7 +202,7 @@ fn descriptor_set(speed: Speed, serial: &str, uas: bool) -> DescriptorSet {
         };
         let mut config = config(1024, Some(companion), 12);
         if uas {
-            config.interfaces.push(uas_interface(companion));
+            config.interfaces.push(uas_interface(Some(companion)));
         }
         DescriptorSet {
             speed,
@@ -222,13 +224,33 @@ fn descriptor_set(speed: Speed, serial: &str, uas: bool) -> DescriptorSet {
             strings,
             self_powered: true,
         }
+    } else if speed == Speed::Full {
+        // A full-speed-only device (USB 2.0 §9.6.2): bulk packets of 64
+        // bytes, no device qualifier and no other-speed configuration
+        // (both requests STALL).
+        DescriptorSet {
+            speed,
+            qualifier: None,
+            device,
+            config: config(64, None, 50),
+            other_speed: None,
+            bos: None,
+            strings,
+            self_powered: true,
+        }
     } else {
         DescriptorSet {
             speed,
             qualifier: Some(device.qualifier()),
             device,
             // 50 * 2 mA = 100 mA.
-            config: config(512, None, 50),
+            config: {
+                let mut c = config(512, None, 50);
+                if uas {
+                    c.interfaces.push(uas_interface(None));
+                }
+                c
+            },
             other_speed: Some(config(64, None, 50)),
             bos: None,
             strings,
@@ -266,9 +288,10 @@ impl UsbStorage {
     }
 
     /// Wraps an open image file. Its length must be a non-zero multiple of
-    /// 512; `speed` must be high or super.
+    /// 512; `speed` must be full, high or super (low-speed devices have no
+    /// bulk endpoints, USB 2.0 §5.8.3).
     pub fn from_file(file: File, readonly: bool, speed: Speed) -> Result<Self, StorageError> {
-        if !matches!(speed, Speed::High | Speed::Super) {
+        if !matches!(speed, Speed::Full | Speed::High | Speed::Super) {
             return Err(StorageError::UnsupportedSpeed(speed));
         }
         let len = file.metadata().map_err(StorageError::Metadata)?.len();
@@ -290,13 +313,14 @@ impl UsbStorage {
             need_reset_recovery: false,
             in_q: VecDeque::new(),
             out_q: VecDeque::new(),
-            uas: Uas::default(),
+            uas: Uas::new(speed.is_superspeed()),
         })
     }
 
     /// Offers or withholds (the default) the UAS alternate setting; it is
-    /// only offered at SuperSpeed (streams). Meant for set-up, before the
-    /// device is plugged in.
+    /// offered at SuperSpeed (with streams) and high speed (without: Ready
+    /// IUs), never at full speed. Meant for set-up, before the device is
+    /// plugged in.
     pub fn with_uas(mut self, on: bool) -> Self {
         let serial = self.scsi.serial().to_string();
         self.std = StdRequests::new(descriptor_set(self.speed, &serial, on));

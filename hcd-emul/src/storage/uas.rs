@@ -22,9 +22,17 @@
 //! bounded: at most [`MAX_TASKS`] tasks and a fixed number of parked
 //! transfers per pipe.
 //!
-//! Only offered at SuperSpeed (UAS without streams, on a USB 2 port, would
-//! need the Read/Write Ready IUs of the non-stream protocol; high-speed
-//! sticks speak BOT only).
+//! At high speed there are no streams (UAS §4.5, the USB 2.0 mode): all
+//! transfers of a pipe are one queue, so the device tells the host which
+//! command's data comes next with a Read Ready or Write Ready IU on the
+//! status pipe, one command per direction at a time, and the host then
+//! queues that command's data transfer (Linux's uas driver does exactly
+//! this: a status transfer per command before its Command IU, and a data
+//! transfer plus another status transfer per Ready IU). Status transfers
+//! are interchangeable there: each IU names its tag. What this buys over
+//! BOT at high speed is the command size (Linux: 512 KiB instead of
+//! usb-storage's 120 KiB) and commands queued behind each other instead of
+//! three strictly sequential phases each.
 
 use std::collections::VecDeque;
 
@@ -59,6 +67,8 @@ const IU_COMMAND: u8 = 0x01;
 const IU_SENSE: u8 = 0x03;
 const IU_RESPONSE: u8 = 0x04;
 const IU_TASK_MGMT: u8 = 0x05;
+const IU_READ_READY: u8 = 0x06;
+const IU_WRITE_READY: u8 = 0x07;
 /// Command IU without additional CDB bytes.
 const COMMAND_IU_LEN: usize = 32;
 /// Task Management IU.
@@ -106,6 +116,9 @@ struct Task {
     sense: Option<Sense>,
     /// The data phase is over (all moved, or ended by an error).
     data_done: bool,
+    /// Without streams: its Read/Write Ready IU went out (its data phase
+    /// is the one under way in its direction).
+    ready: bool,
 }
 
 impl Task {
@@ -129,6 +142,7 @@ impl Task {
             status,
             sense,
             data_done: len == 0,
+            ready: false,
         }
     }
 
@@ -163,9 +177,23 @@ fn response_iu(tag: u16, code: u8) -> Vec<u8> {
     b
 }
 
+/// A Read Ready or Write Ready IU (UAS-2 §6.2.6, §6.2.7).
+fn ready_iu(tag: u16, dir_in: bool) -> [u8; 4] {
+    let [hi, lo] = tag.to_be_bytes();
+    let id = if dir_in {
+        IU_READ_READY
+    } else {
+        IU_WRITE_READY
+    };
+    [id, 0, hi, lo]
+}
+
 /// The UAS engine of one logical unit.
 #[derive(Debug, Default)]
 pub struct Uas {
+    /// SuperSpeed: transfers are matched to tasks by stream. Otherwise
+    /// (high speed) each pipe is one queue and Ready IUs pace the data.
+    streams: bool,
     tasks: VecDeque<Task>,
     /// IUs that answer no task (Response IUs, TASK SET FULL), by stream.
     replies: VecDeque<(u16, Vec<u8>)>,
@@ -190,6 +218,14 @@ fn park(q: &mut VecDeque<Transfer>, xfer: Transfer) {
 }
 
 impl Uas {
+    /// An engine for a device at SuperSpeed (`streams`) or high speed.
+    pub fn new(streams: bool) -> Self {
+        Uas {
+            streams,
+            ..Uas::default()
+        }
+    }
+
     /// Drops every task and fails every parked transfer with `status`
     /// (bus reset, configuration or interface change).
     pub fn reset(&mut self, status: TransferStatus) {
@@ -313,30 +349,35 @@ impl Uas {
 
     /// Parks a data transfer (`dir_in` for the data-in pipe).
     pub fn data(&mut self, xfer: Transfer, dir_in: bool) {
-        let q = if dir_in {
+        park(self.data_q(dir_in), xfer);
+    }
+
+    /// The parked transfers of the data-in (`dir_in`) or data-out pipe.
+    fn data_q(&mut self, dir_in: bool) -> &mut VecDeque<Transfer> {
+        if dir_in {
             &mut self.data_in_q
         } else {
             &mut self.data_out_q
-        };
-        park(q, xfer);
+        }
     }
 
     /// Moves data and status for every task whose transfers are there.
     /// Each step consumes a parked transfer: bounded.
     pub fn pump(&mut self, scsi: &mut Scsi) {
+        if !self.streams {
+            return self.pump_serial(scsi);
+        }
         loop {
             let mut progressed = false;
             let mut i = 0;
             while i < self.tasks.len() {
-                let t = &mut self.tasks[i];
-                if !t.data_done {
-                    let q = if t.dir_in {
-                        &mut self.data_in_q
-                    } else {
-                        &mut self.data_out_q
-                    };
-                    if let Some(x) = take(q, t.tag) {
-                        Self::move_data(t, x, scsi);
+                let (tag, dir_in, data_done) = {
+                    let t = &self.tasks[i];
+                    (t.tag, t.dir_in, t.data_done)
+                };
+                if !data_done {
+                    if let Some(x) = take(self.data_q(dir_in), tag) {
+                        Self::move_data(&mut self.tasks[i], x, scsi);
                         progressed = true;
                     }
                 }
@@ -362,6 +403,79 @@ impl Uas {
                         progressed = true;
                     }
                     None => j += 1,
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    /// [`Uas::pump`] without streams: every parked transfer is for the
+    /// front of its pipe's queue. Per round, in this order: finished tasks'
+    /// Sense IUs and the replies (oldest first) take status transfers; the
+    /// task whose data phase is under way in each direction takes that
+    /// pipe's data transfers; a direction without one gives its oldest
+    /// waiting task a Ready IU. Each step consumes a parked transfer.
+    fn pump_serial(&mut self, scsi: &mut Scsi) {
+        loop {
+            let mut progressed = false;
+            // Status: finished tasks, in arrival order, then the replies.
+            let mut i = 0;
+            while i < self.tasks.len() && !self.status_q.is_empty() {
+                if self.tasks[i].data_done {
+                    if let (Some(t), Some(x)) = (self.tasks.remove(i), self.status_q.pop_front()) {
+                        complete_in(x, &t.sense_iu());
+                        progressed = true;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            while !self.replies.is_empty() && !self.status_q.is_empty() {
+                if let (Some((_, iu)), Some(x)) =
+                    (self.replies.pop_front(), self.status_q.pop_front())
+                {
+                    complete_in(x, &iu);
+                    progressed = true;
+                }
+            }
+            for dir_in in [true, false] {
+                let active = self
+                    .tasks
+                    .iter()
+                    .position(|t| t.dir_in == dir_in && t.ready && !t.data_done);
+                match active {
+                    Some(i) => {
+                        if let Some(x) = self.data_q(dir_in).pop_front() {
+                            Self::move_data(&mut self.tasks[i], x, scsi);
+                            progressed = true;
+                        }
+                    }
+                    None => {
+                        // Data nobody asked for (no Ready IU out in this
+                        // direction): it cannot belong to a later command,
+                        // so it must not be given to one. STALL, as QEMU.
+                        let q = self.data_q(dir_in);
+                        if !q.is_empty() {
+                            guest_warn!(target: "storage::uas", "{} data transfer(s) without a Ready IU stalled", q.len());
+                            for x in q.drain(..) {
+                                x.complete(TransferStatus::Stall, 0);
+                            }
+                            progressed = true;
+                        }
+                        let next = self
+                            .tasks
+                            .iter_mut()
+                            .find(|t| t.dir_in == dir_in && !t.ready && !t.data_done);
+                        if let Some(t) = next {
+                            if let Some(x) = self.status_q.pop_front() {
+                                t.ready = true;
+                                complete_in(x, &ready_iu(t.tag, dir_in));
+                                progressed = true;
+                            }
+                        }
+                    }
                 }
             }
             if !progressed {

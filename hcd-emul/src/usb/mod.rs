@@ -8,12 +8,13 @@
 //! device they talk to; devices never know the controller.
 
 pub mod descriptor;
+pub mod hub;
 pub mod std_requests;
 mod transfer;
 
 pub use transfer::{
     CompletionQueue, IsoPacket, Segment, Transfer, TransferHandle, TransferId, TransferKind,
-    TransferResult, TransferStatus, Wakeup,
+    TransferResult, TransferStatus, TransferTap, Wakeup,
 };
 
 /// Bus speed of a device (USB 3.2 §9.6.1; xHCI 1.2 §7.2.2.1.1 default PSIs).
@@ -165,6 +166,52 @@ pub trait UsbDevice: Send + std::fmt::Debug {
     /// wakes the controller's event loop, for a device whose
     /// [`UsbDevice::connected`] changes without a transfer completing.
     fn set_wakeup(&mut self, _wakeup: Wakeup) {}
+
+    /// Whether endpoint `address` (bit 7 set for IN) is an interrupt
+    /// endpoint of the device's current configuration. Controllers whose
+    /// schedules do not name the transfer type (a UHCI TD does not) ask
+    /// this to hand a non-control, non-isochronous transfer over as
+    /// [`TransferKind::Interrupt`] rather than [`TransferKind::Bulk`]. The
+    /// default: none is.
+    fn is_interrupt_endpoint(&self, _address: u8) -> bool {
+        false
+    }
+
+    /// The downstream ports, if the device is a hub ([`hub::Hub`]): how a
+    /// controller reaches the devices behind it (split transactions name
+    /// the hub and its port). Other devices have none.
+    fn as_hub(&mut self) -> Option<&mut dyn HubPorts> {
+        None
+    }
+}
+
+/// The downstream ports of a hub, as a controller sees them to route
+/// transactions (USB 2.0 §11.14, §11.17: the host addresses a full- or
+/// low-speed device behind a high-speed hub with split transactions naming
+/// the hub's address and the port; a high-speed device behind it by its
+/// address alone). Ports are 1-based.
+pub trait HubPorts {
+    /// Number of downstream ports (bNbrPorts).
+    fn port_count(&self) -> u8;
+
+    /// Whether `port` is enabled (wPortStatus PORT_ENABLE; a suspended
+    /// port stays enabled).
+    fn port_enabled(&self, port: u8) -> bool;
+
+    /// The device a transaction from the host reaches through `port`: only
+    /// when the port is powered, connected, enabled and not suspended.
+    fn port_device(&mut self, port: u8) -> Option<&mut (dyn UsbDevice + 'static)>;
+
+    /// The device plugged into `port`, whatever the port's state: for
+    /// bookkeeping the host cannot do over the bus (cancelling a transfer
+    /// the device still holds, following nested hubs).
+    fn attached_device(&mut self, port: u8) -> Option<&mut (dyn UsbDevice + 'static)>;
+
+    /// Looks at [`UsbDevice::connected`] of the devices behind the hub
+    /// (recursively through downstream hubs) and shows connection changes.
+    /// Controllers call it whenever they look at `connected()` of their
+    /// root ports' devices (after every wake-up).
+    fn poll_connections(&mut self);
 }
 
 /// USB 2.0 standard request codes (table 9-4).

@@ -203,6 +203,18 @@ pub enum Segment {
 }
 
 impl Segment {
+    /// Appends `len` bytes of guest memory at `addr` to `segs`, extending
+    /// the last segment when the buffer continues it (one file I/O call
+    /// instead of one per TD or TRB).
+    pub fn push_guest(segs: &mut Vec<Segment>, addr: u64, len: usize) {
+        match segs.last_mut() {
+            Some(Segment::Guest { addr: a, len: l }) if a.checked_add(*l as u64) == Some(addr) => {
+                *l += len
+            }
+            _ => segs.push(Segment::Guest { addr, len }),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Segment::Guest { len, .. } => *len,
@@ -225,6 +237,18 @@ pub struct Transfer {
     iso: Vec<IsoPacket>,
     shared: Arc<Shared>,
     queue: CompletionQueue,
+    /// Sees the completion first (a USB capture), if set.
+    tap: Option<Arc<dyn TransferTap>>,
+}
+
+/// Something that sees a transfer complete before the controller does: a
+/// USB capture ([`crate::capture`]). Runs on the completing thread; it must
+/// not block.
+pub trait TransferTap: Send + Sync {
+    /// `xfer` completes with `status` after `actual` bytes; its buffer is
+    /// still readable (the IN data the device wrote). Not called for a
+    /// transfer the controller cancelled first.
+    fn completing(&self, xfer: &Transfer, status: TransferStatus, actual: usize);
 }
 
 impl std::fmt::Debug for Transfer {
@@ -303,6 +327,7 @@ impl Transfer {
                 iso,
                 shared,
                 queue,
+                tap: None,
             },
             h,
         )
@@ -483,7 +508,19 @@ impl Transfer {
         self.finish(status, actual);
     }
 
+    /// Lets `tap` see this transfer's completion.
+    pub fn set_tap(&mut self, tap: Arc<dyn TransferTap>) {
+        self.tap = Some(tap);
+    }
+
     fn finish(&mut self, status: TransferStatus, actual: usize) {
+        if let Some(tap) = self.tap.take() {
+            // Before the state changes: the tap reads the buffer through
+            // the pending-state check like the device does.
+            if *lock(&self.shared.state) == State::Pending {
+                tap.completing(self, status, actual.min(self.len));
+            }
+        }
         let mut st = lock(&self.shared.state);
         if *st != State::Pending {
             return;

@@ -34,7 +34,7 @@ impl Xhci {
                 }
                 Ok(Some((addr, trb, after))) => {
                     self.cmd_ring = after;
-                    self.work += 1;
+                    self.budget.spend(1);
                     let (code, slot) = self.execute(&trb);
                     self.event(
                         0,

@@ -232,11 +232,9 @@ pub struct Xhci {
     dirty: Vec<(usize, usize)>,
     /// The command ring was rung and may hold commands not run yet.
     cmd_pending: bool,
-    /// `ram.ops()` when the current access's budget started.
-    ops_at_start: u64,
-    /// Work done in the current access that is not a guest-memory
-    /// operation (TDs cancelled, commands run).
-    work: u64,
+    /// Work of the current access or wake-up (TDs cancelled, commands
+    /// run, guest-memory operations).
+    budget: crate::mem::WorkBudget,
     /// Counters for diagnostics and benchmarks.
     stats: XhciStats,
     run_start: Instant,
@@ -274,8 +272,7 @@ impl Xhci {
             pending_set: HashSet::new(),
             dirty: Vec::new(),
             cmd_pending: false,
-            ops_at_start: 0,
-            work: 0,
+            budget: crate::mem::WorkBudget::default(),
             stats: XhciStats::default(),
             run_start: Instant::now(),
         };
@@ -326,12 +323,11 @@ impl Xhci {
 
     /// Whether the current access's work budget has room left.
     fn budget_left(&self) -> bool {
-        self.ram.ops().wrapping_sub(self.ops_at_start) + self.work < limits::WORK_PER_ACCESS
+        self.budget.left(&self.ram, limits::WORK_PER_ACCESS)
     }
 
     fn refill_budget(&mut self) {
-        self.ops_at_start = self.ram.ops();
-        self.work = 0;
+        self.budget.refill(&self.ram);
     }
 
     /// Queues a ring for fetching (once).
@@ -501,6 +497,15 @@ impl Xhci {
             }
             self.port_update(port, true);
         }
+    }
+
+    /// The devices plugged in: root port (1-based) and device.
+    pub fn devices(&self) -> Vec<(usize, &dyn UsbDevice)> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.device.as_deref().map(|d| (i + 1, d)))
+            .collect()
     }
 
     /// Unplugs the device on `port`, returning it.
@@ -867,14 +872,7 @@ impl PciController for Xhci {
         if bar != 0 || offset >= BAR0_SIZE {
             return;
         }
-        let aligned = offset & !3;
-        let mut v = u64::from(self.read32(aligned));
-        if data.len() == 8 || (offset & 3) + data.len() as u64 > 4 {
-            v |= u64::from(self.read32(aligned + 4)) << 32;
-        }
-        let bytes = (v >> ((offset & 3) * 8)).to_le_bytes();
-        let n = data.len().min(8);
-        data[..n].copy_from_slice(&bytes[..n]);
+        crate::pci::read_by_dwords(offset, data, |o| self.read32(o));
         self.flush_interrupts(irq);
     }
 

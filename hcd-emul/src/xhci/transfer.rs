@@ -200,17 +200,7 @@ impl Xhci {
                         }
                         // Buffers that continue the previous one in guest
                         // memory become one segment (one file I/O call).
-                        match segments.last_mut() {
-                            Some(Segment::Guest { addr: a, len: l })
-                                if a.checked_add(*l as u64) == Some(trb.parameter) =>
-                            {
-                                *l += len
-                            }
-                            _ => segments.push(Segment::Guest {
-                                addr: trb.parameter,
-                                len,
-                            }),
-                        }
+                        Segment::push_guest(&mut segments, trb.parameter, len);
                     }
                 }
                 _ => {}
@@ -555,7 +545,7 @@ impl Xhci {
         self.collect_results();
         let failed = report && self.report_ready(s, dci);
         let rest: Vec<InFlight> = self.slots[s].eps[dci].inflight.drain(..).collect();
-        self.work += rest.len() as u64;
+        self.budget.spend(rest.len() as u64);
         let port = self.slots[s].port;
         for td in &rest {
             self.inflight.remove(&td.id);

@@ -5,12 +5,15 @@
 #![allow(dead_code)]
 
 pub mod fake;
+mod irq;
+
+pub use irq::{IrqLog, Recorder};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hcd_emul::pci::{InterruptTransport, MsiMessage, PciFunction};
+use hcd_emul::pci::PciFunction;
 use hcd_emul::xhci::regs::*;
 use hcd_emul::xhci::trb::{cc, ctl, ty, Trb};
 use hcd_emul::xhci::Xhci;
@@ -22,25 +25,6 @@ pub const RAM_SIZE: usize = 64 << 20;
 const ALLOC_BASE: u64 = 0x10_0000;
 /// Where data buffers go (upper half of RAM).
 pub const DATA_BASE: u64 = 32 << 20;
-
-/// Interrupts the transport saw.
-#[derive(Debug, Default)]
-pub struct IrqLog {
-    pub msgs: Vec<MsiMessage>,
-    pub intx: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct Recorder(pub Arc<Mutex<IrqLog>>);
-
-impl InterruptTransport for Recorder {
-    fn set_intx(&mut self, level: bool) {
-        self.0.lock().unwrap().intx = level;
-    }
-    fn send_msi(&mut self, msg: MsiMessage) {
-        self.0.lock().unwrap().msgs.push(msg);
-    }
-}
 
 /// A producer ring of `size` TRBs whose last TRB links back with Toggle
 /// Cycle.

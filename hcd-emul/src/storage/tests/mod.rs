@@ -264,8 +264,8 @@ fn rejects_bad_images_and_speeds() {
         Err(StorageError::NotBlockMultiple(513))
     ));
     assert!(matches!(
-        UsbStorage::from_file(image(1), false, Speed::Full),
-        Err(StorageError::UnsupportedSpeed(Speed::Full))
+        UsbStorage::from_file(image(1), false, Speed::Low),
+        Err(StorageError::UnsupportedSpeed(Speed::Low))
     ));
     assert!(matches!(
         UsbStorage::open(Path::new("/nonexistent/stick.img"), true, Speed::High),
@@ -334,6 +334,56 @@ fn enumerates_high_speed_descriptors() {
         h.control_in(0x82, 0, 0, 0x81, 2),
         (TransferStatus::Success, vec![0, 0])
     );
+}
+
+#[test]
+fn enumerates_full_speed_descriptors_and_moves_data() {
+    let mut h = host_with(Speed::Full, false, image(BLOCKS));
+    assert_eq!(h.dev.speed(), Speed::Full);
+    let (_, d) = h.get_descriptor(desc::DEVICE, 0, 18);
+    let d = DeviceDescriptor::parse(&d).unwrap();
+    assert_eq!((d.bcd_usb, d.max_packet_size0), (0x0200, 64));
+
+    let (_, head) = h.get_descriptor(desc::CONFIGURATION, 0, 9);
+    let total = u16::from_le_bytes([head[2], head[3]]);
+    let (_, c) = h.get_descriptor(desc::CONFIGURATION, 0, total);
+    let c = parse_config(&c).unwrap();
+    let eps: Vec<(u8, u16, bool)> = c.interfaces[0]
+        .endpoints
+        .iter()
+        .map(|e| (e.address, e.max_packet_size, e.ss_companion.is_some()))
+        .collect();
+    assert_eq!(eps, vec![(0x81, 64, false), (0x02, 64, false)]);
+    assert_eq!(c.interfaces.len(), 1, "no UAS at full speed");
+
+    // A full-speed-only device answers neither (USB 2.0 §9.6.2, §9.6.4).
+    for ty in [desc::DEVICE_QUALIFIER, desc::OTHER_SPEED, desc::BOS] {
+        assert_eq!(h.get_descriptor(ty, 0, 10).0, TransferStatus::Stall, "{ty}");
+    }
+
+    // Bulk-Only works unchanged: one block written and read back.
+    h.configure();
+    h.ram.write(DATA_BUF, &[0x5a; 512]).unwrap();
+    assert_eq!(
+        h.cbw(1, 512, false, &cdb10(0x2a, 3, 1)).status,
+        TransferStatus::Success
+    );
+    let id = h.submit(
+        2,
+        Direction::Out,
+        TransferKind::Bulk,
+        vec![seg(DATA_BUF, 512)],
+    );
+    let r = h.one(id);
+    assert_eq!((r.status, r.actual), (TransferStatus::Success, 512));
+    assert_eq!(h.csw(), (1, 0, 0));
+    let mut on_disk = [0u8; 512];
+    h.image.read_exact_at(&mut on_disk, 3 * 512).unwrap();
+    assert_eq!(on_disk, [0x5a; 512]);
+    h.ram.write(DATA_BUF, &[0; 512]).unwrap();
+    let (data, residue, status) = h.command_in(&cdb10(0x28, 3, 1), 512);
+    assert_eq!((residue, status), (0, 0));
+    assert_eq!(data, vec![0x5a; 512]);
 }
 
 #[test]

@@ -11,9 +11,13 @@ const STATUS_BASE: u64 = 0x8000;
 const DATA_BASE: u64 = 0x20_0000;
 
 fn uas_host(readonly: bool, file: File) -> Host {
+    uas_host_at(Speed::Super, readonly, file)
+}
+
+fn uas_host_at(speed: Speed, readonly: bool, file: File) -> Host {
     let check = file.try_clone().unwrap();
     let mut h = Host {
-        dev: UsbStorage::from_file(file, readonly, Speed::Super)
+        dev: UsbStorage::from_file(file, readonly, speed)
             .unwrap()
             .with_uas(true),
         ram: GuestRam::anonymous(8 << 20),
@@ -110,7 +114,7 @@ impl Host {
 }
 
 #[test]
-fn uas_is_offered_only_when_enabled_at_superspeed() {
+fn uas_is_offered_when_enabled_at_superspeed_and_high_speed() {
     let uas_alt = |d: &UsbStorage| {
         d.descriptors()
             .config
@@ -121,10 +125,46 @@ fn uas_is_offered_only_when_enabled_at_superspeed() {
     };
     let plain = UsbStorage::from_file(image(8), false, Speed::Super).unwrap();
     assert!(uas_alt(&plain).is_none());
+    let fs = UsbStorage::from_file(image(8), false, Speed::Full)
+        .unwrap()
+        .with_uas(true);
+    assert!(uas_alt(&fs).is_none(), "no UAS at full speed");
+    // High speed: the same four pipes, 512-byte packets, no companions
+    // (no streams), each with its Pipe Usage descriptor.
     let hs = UsbStorage::from_file(image(8), false, Speed::High)
         .unwrap()
         .with_uas(true);
-    assert!(uas_alt(&hs).is_none());
+    let alt = uas_alt(&hs).unwrap();
+    assert_eq!((alt.class, alt.subclass, alt.protocol), (8, 6, 0x62));
+    let parsed = parse_config(&hs.descriptors().config.to_bytes()).unwrap();
+    let pipes: Vec<(u8, u8, u16)> = parsed.interfaces[1]
+        .endpoints
+        .iter()
+        .map(|e| {
+            assert!(e.ss_companion.is_none());
+            assert_eq!(&e.extra[..2], &[4, 0x24]);
+            (e.address, e.extra[2], e.max_packet_size)
+        })
+        .collect();
+    assert_eq!(
+        pipes,
+        vec![
+            (EP_COMMAND, 1, 512),
+            (EP_STATUS, 2, 512),
+            (EP_DATA_IN, 3, 512),
+            (EP_DATA_OUT, 4, 512)
+        ]
+    );
+    // The other-speed (full-speed) configuration stays BOT only.
+    assert_eq!(
+        hs.descriptors()
+            .other_speed
+            .as_ref()
+            .unwrap()
+            .interfaces
+            .len(),
+        1
+    );
     let ss = UsbStorage::from_file(image(8), false, Speed::Super)
         .unwrap()
         .with_uas(true);
@@ -393,4 +433,166 @@ fn log_flood_from_invalid_uas_ius_is_rate_limited() {
     log.assert_bounded(t0.elapsed());
     assert!(log.sites().len() >= 4, "{:?}", log.sites());
     assert!(h.dev.uas.tasks() <= MAX_TASKS);
+}
+
+/// High speed (no streams): all transfers on stream 0, the buffers in
+/// slots. (tag, IU id) of the IU in status slot `slot`; Sense IUs also
+/// checked for GOOD status.
+fn iu_in(h: &Host, slot: u16, r: &TransferResult) -> (u8, u16) {
+    // (IUs are shorter than the 112-byte buffer: a short packet)
+    assert_eq!(
+        r.status,
+        TransferStatus::ShortPacket,
+        "status slot {slot}: {r:?}"
+    );
+    let mut b = vec![0u8; r.actual];
+    h.ram.read(status_buf(slot), &mut b).unwrap();
+    assert!(b.len() >= 4, "IU too short: {b:?}");
+    let tag = u16::from_be_bytes([b[2], b[3]]);
+    match b[0] {
+        3 => assert_eq!((b.len(), b[6]), (16, 0), "Sense IU with GOOD status: {b:?}"),
+        6 | 7 => assert_eq!(b.len(), 4, "Ready IU: {b:?}"),
+        x => panic!("unexpected IU {x:#x}: {b:?}"),
+    }
+    (b[0], tag)
+}
+
+const SENSE: u8 = 3;
+const READ_READY: u8 = 6;
+const WRITE_READY: u8 = 7;
+
+impl Host {
+    fn hs_status(&mut self, slot: u16) -> TransferId {
+        self.submit_stream(EP_STATUS, 0, vec![seg(status_buf(slot), 112)])
+    }
+    fn hs_data_in(&mut self, slot: u16, len: usize) -> TransferId {
+        self.submit_stream(EP_DATA_IN, 0, vec![seg(data_buf(slot), len)])
+    }
+    fn hs_data_out(&mut self, slot: u16, data: &[u8]) -> TransferId {
+        self.ram.write(data_buf(slot), data).unwrap();
+        self.submit_stream(EP_DATA_OUT, 0, vec![seg(data_buf(slot), data.len())])
+    }
+}
+
+#[test]
+fn uas_at_high_speed_paces_data_with_ready_ius_like_linux() {
+    let mut h = uas_host_at(Speed::High, false, image(BLOCKS));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut data = vec![0u8; 64 << 10];
+    rng.fill_bytes(&mut data);
+    // Linux: a status transfer, then the Command IU; the data transfer
+    // only after the Ready IU, with another status transfer before it.
+    let s1 = h.hs_status(1);
+    let c1 = h.command_iu(1, 0, &cdb10(0x2a, 8, 128));
+    let r = h.done();
+    assert_eq!(r[&c1].status, TransferStatus::Success);
+    assert_eq!(iu_in(&h, 1, &r[&s1]), (WRITE_READY, 1));
+    let s2 = h.hs_status(2);
+    let d = h.hs_data_out(1, &data);
+    let r = h.done();
+    assert_eq!(
+        (r[&d].status, r[&d].actual),
+        (TransferStatus::Success, 64 << 10)
+    );
+    assert_eq!(iu_in(&h, 2, &r[&s2]), (SENSE, 1));
+    let mut on_disk = vec![0u8; 64 << 10];
+    h.image.read_exact_at(&mut on_disk, 8 * 512).unwrap();
+    assert_eq!(Sha256::digest(&on_disk), Sha256::digest(&data));
+
+    // Two READs queued (tags 1 and 2, a half each): one Ready IU at a
+    // time; tag 2's comes on the status transfer after tag 1's Sense IU.
+    let s3 = h.hs_status(3);
+    let c_a = h.command_iu(1, 0, &cdb10(0x28, 8, 64));
+    let s4 = h.hs_status(4);
+    let c_b = h.command_iu(2, 0, &cdb10(0x28, 8 + 64, 64));
+    let r = h.done();
+    assert!(r.contains_key(&c_a) && r.contains_key(&c_b));
+    assert_eq!(iu_in(&h, 3, &r[&s3]), (READ_READY, 1));
+    assert!(!r.contains_key(&s4), "tag 2 waits for tag 1's data phase");
+    assert_eq!(h.dev.uas.tasks(), 2);
+    let s5 = h.hs_status(5);
+    let d1 = h.hs_data_in(1, 32 << 10);
+    let r = h.done();
+    assert_eq!(r[&d1].actual, 32 << 10);
+    assert_eq!(iu_in(&h, 4, &r[&s4]), (SENSE, 1));
+    assert_eq!(iu_in(&h, 5, &r[&s5]), (READ_READY, 2));
+    let s6 = h.hs_status(6);
+    let d2 = h.hs_data_in(2, 32 << 10);
+    let r = h.done();
+    assert_eq!(r[&d2].actual, 32 << 10);
+    assert_eq!(iu_in(&h, 6, &r[&s6]), (SENSE, 2));
+    for (slot, half) in [(1u16, 0usize), (2, 1)] {
+        let mut got = vec![0u8; 32 << 10];
+        h.ram.read(data_buf(slot), &mut got).unwrap();
+        assert_eq!(got, data[half * (32 << 10)..(half + 1) * (32 << 10)]);
+    }
+    assert_eq!(h.dev.uas.tasks(), 0);
+}
+
+#[test]
+fn uas_at_high_speed_runs_a_read_and_a_write_together_and_no_data_commands_at_once() {
+    let mut h = uas_host_at(Speed::High, false, image(BLOCKS));
+    let data = vec![0x5au8; 4096];
+    // A WRITE (tag 1), a READ (tag 2) and a TEST UNIT READY (tag 3).
+    let s1 = h.hs_status(1);
+    h.command_iu(1, 0, &cdb10(0x2a, 100, 8));
+    let s2 = h.hs_status(2);
+    h.command_iu(2, 0, &cdb10(0x28, 100, 8));
+    let s3 = h.hs_status(3);
+    h.command_iu(3, 0, &[0, 0, 0, 0, 0, 0]);
+    let r = h.done();
+    // One Ready IU per direction; the no-data command's Sense IU too.
+    let mut got: Vec<(u8, u16)> = [(1, s1), (2, s2), (3, s3)]
+        .iter()
+        .map(|&(slot, id)| iu_in(&h, slot, &r[&id]))
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![(SENSE, 3), (READ_READY, 2), (WRITE_READY, 1)]);
+    // Data for the write; the read's data comes after (it reads what the
+    // write left only if the write went first: it did not have to).
+    let s4 = h.hs_status(4);
+    let dout = h.hs_data_out(1, &data);
+    let s5 = h.hs_status(5);
+    let din = h.hs_data_in(2, 4096);
+    let r = h.done();
+    assert_eq!(r[&dout].actual, 4096);
+    assert_eq!(r[&din].actual, 4096);
+    let mut senses: Vec<(u8, u16)> = [(4, s4), (5, s5)]
+        .iter()
+        .map(|&(slot, id)| iu_in(&h, slot, &r[&id]))
+        .collect();
+    senses.sort();
+    assert_eq!(senses, vec![(SENSE, 1), (SENSE, 2)]);
+    assert_eq!(h.dev.uas.tasks(), 0);
+}
+
+#[test]
+fn uas_at_high_speed_stalls_data_nobody_asked_for() {
+    let mut h = uas_host_at(Speed::High, false, image(BLOCKS));
+    // A data transfer with no Ready IU out: STALL, never given to the
+    // next command.
+    let stray = h.hs_data_out(1, &[0xffu8; 512]);
+    let r = h.done();
+    assert_eq!(r[&stray].status, TransferStatus::Stall);
+    let mut before = vec![0u8; 512];
+    h.image.read_exact_at(&mut before, 0).unwrap();
+    // Recover the pipe as Linux would (CLEAR_FEATURE ENDPOINT_HALT), then
+    // a write of block 0 gets its own Ready IU and data.
+    assert_eq!(
+        h.control_out(0x02, 1, 0, u16::from(EP_DATA_OUT)),
+        TransferStatus::Success
+    );
+    let s1 = h.hs_status(1);
+    h.command_iu(5, 0, &cdb10(0x2a, 0, 1));
+    let r = h.done();
+    assert_eq!(iu_in(&h, 1, &r[&s1]), (WRITE_READY, 5));
+    let s2 = h.hs_status(2);
+    let d = h.hs_data_out(1, &[0x11u8; 512]);
+    let r = h.done();
+    assert_eq!(r[&d].actual, 512);
+    assert_eq!(iu_in(&h, 2, &r[&s2]), (SENSE, 5));
+    let mut after = vec![0u8; 512];
+    h.image.read_exact_at(&mut after, 0).unwrap();
+    assert_eq!(after, vec![0x11u8; 512]);
+    assert_ne!(before, after);
 }
