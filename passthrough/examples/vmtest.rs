@@ -401,6 +401,77 @@ fn scattered(base: u64, len: u32, seed: u64) -> Vec<(u64, u32)> {
     pages.into_iter().map(|a| (a, 4096)).collect()
 }
 
+/// What `xen-usb-dm list` shows (passthrough::list), on this kernel's real
+/// sysfs and usbfs: the stick with its serial, strings, usb-storage bound
+/// to its interface and its usbfs node openable; the keyboard's HID
+/// interface (no usbhid in this VM: driver none);
+/// a serial rule matching exactly the stick.
+fn listing_checks(r: &mut Results) {
+    let devfs = Path::new("/dev/bus/usb");
+    let all = passthrough::list::list(Path::new(SYSFS));
+    let stick = all
+        .iter()
+        .find(|d| d.info.serial.as_deref() == Some(STICK_SERIAL));
+    let Some(stick) = stick else {
+        return r.check(
+            "list_stick",
+            false,
+            format!("serial {STICK_SERIAL} not among {} devices", all.len()),
+        );
+    };
+    let drivers: Vec<Option<&str>> = stick
+        .interfaces
+        .iter()
+        .map(|i| i.driver.as_deref())
+        .collect();
+    r.check(
+        "list_stick",
+        stick.interfaces.first().map(|i| i.class) == Some((8, 6, 0x50))
+            && drivers == [Some("usb-storage")]
+            && stick.product_name.as_deref().is_some_and(|p| !p.is_empty())
+            && stick.usb_version.is_some(),
+        format!(
+            "{} {:04x}:{:04x} {:?} {:?} interfaces {:?}",
+            stick.info.port,
+            stick.info.vendor,
+            stick.info.product,
+            stick.manufacturer,
+            stick.product_name,
+            stick.interfaces
+        ),
+    );
+    let open = passthrough::list::openable(devfs, &stick.info);
+    r.check(
+        "list_usbfs_openable",
+        open.is_ok(),
+        format!(
+            "{} {open:?}",
+            passthrough::list::usbfs_path(devfs, &stick.info).display()
+        ),
+    );
+    let kbd = all.iter().find(|d| {
+        d.product_name
+            .as_deref()
+            .is_some_and(|p| p.contains("Keyboard"))
+    });
+    r.check(
+        "list_keyboard_hid",
+        kbd.is_some_and(|k| k.interfaces.iter().any(|i| i.class.0 == 3)),
+        format!("{:?}", kbd.map(|k| &k.interfaces)),
+    );
+    let rule = passthrough::MatchRule::Id {
+        vendor: stick.info.vendor,
+        product: stick.info.product,
+        serial: Some(STICK_SERIAL.into()),
+    };
+    let n = all.iter().filter(|d| rule.matches(&d.info)).count();
+    r.check(
+        "list_rule_matches_one",
+        n == 1,
+        format!("{rule}: {n} devices"),
+    );
+}
+
 const STICK_SERIAL: &str = "PT0001";
 /// Where the checks write (LBA), and how much.
 const LBA: u32 = 2048;
@@ -1665,6 +1736,7 @@ fn main() {
     }
     let mut r = Results { pass: 0, fail: 0 };
     let mut written = None;
+    r.section("listing", listing_checks);
     r.section("stick", |r| stick_checks(r, &mut written));
     r.section("compat", compat_checks);
     r.section("hid", hid_checks);

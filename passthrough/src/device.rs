@@ -1266,6 +1266,16 @@ impl UsbDevice for HostDevice {
         }
     }
 
+    fn is_interrupt_endpoint(&self, address: u8) -> bool {
+        let g = lock(&self.shared.inner);
+        g.open.as_ref().is_some_and(|o| {
+            o.descs
+                .endpoints()
+                .iter()
+                .any(|e| e.address == address && e.ep_type == 3)
+        })
+    }
+
     fn submit(&mut self, xfer: Transfer) {
         if let TransferKind::Control(sp) = xfer.kind() {
             if !control_data_fits(&sp, xfer.len()) {

@@ -16,6 +16,7 @@
 
 pub mod descriptors;
 mod device;
+pub mod list;
 pub mod rule;
 pub mod usbfs;
 
