@@ -44,9 +44,9 @@ pub enum ConfigError {
 pub enum Model {
     /// xHCI (USB 3).
     Xhci,
-    /// EHCI (not implemented yet).
+    /// EHCI (USB 2), full- and low-speed devices behind its built-in hub.
     Ehci,
-    /// UHCI (not implemented yet).
+    /// UHCI (USB 1.1), full- and low-speed devices on its two ports.
     Uhci,
 }
 
@@ -122,12 +122,21 @@ pub enum DeviceKind {
     Storage,
     /// A physical USB device of this host, passed through usbfs.
     Host,
+    /// An emulated boot keyboard (HID); keys come from the control socket.
+    Keyboard,
+    /// An emulated boot mouse (relative motion, buttons, wheel).
+    Mouse,
+    /// An emulated tablet (absolute position: the guest's cursor follows
+    /// the host's), as QEMU's usb-tablet.
+    Tablet,
 }
 
 /// Device speed in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SpeedCfg {
+    /// USB 2 full speed (storage: 64-byte bulk packets; on a USB 2 port).
+    Full,
     /// USB 2 high speed (a USB 2 root port).
     High,
     /// USB 3 SuperSpeed (a USB 3 root port).
@@ -146,10 +155,22 @@ pub struct Device {
     /// Read-only medium.
     #[serde(default)]
     pub readonly: bool,
-    /// Storage: also offer USB Attached SCSI (UAS, over bulk streams) as
-    /// alternate setting 1 (SuperSpeed only; default: Bulk-Only only).
+    /// Storage: also offer USB Attached SCSI (UAS) as alternate setting 1
+    /// (SuperSpeed with bulk streams, or high speed without; default:
+    /// Bulk-Only only).
     #[serde(default)]
     pub uas: bool,
+    /// Any kind: capture the device's transfers into this pcap file (Linux
+    /// usbmon format), relative to the configuration file.
+    pub capture: Option<PathBuf>,
+    /// Data bytes kept per packet in the capture (default 1024, at most
+    /// 1 MiB).
+    pub capture_snaplen: Option<usize>,
+    /// A capture file is rotated before it grows past this many MiB
+    /// (default 64; 0: never).
+    pub capture_max_mib: Option<u64>,
+    /// Rotated capture files kept as FILE.1 .. FILE.N (default 4).
+    pub capture_keep: Option<u32>,
     /// Bus speed (storage: default "super"; host: the root port kind,
     /// default the speed of the device found at start).
     pub speed: Option<SpeedCfg>,
@@ -168,6 +189,22 @@ pub struct Device {
 }
 
 impl Device {
+    /// The capture this device is configured with, if any (bus 1).
+    pub fn capture_options(&self) -> Option<hcd_emul::capture::CaptureOptions> {
+        let path = self.capture.as_ref()?;
+        let mut o = hcd_emul::capture::CaptureOptions::new(path);
+        if let Some(n) = self.capture_snaplen {
+            o.snaplen = n;
+        }
+        if let Some(m) = self.capture_max_mib {
+            o.max_bytes = m.saturating_mul(1 << 20);
+        }
+        if let Some(k) = self.capture_keep {
+            o.keep = k;
+        }
+        Some(o)
+    }
+
     /// The match rule of a `kind = "host"` device (after [`Config::parse`]
     /// validated it).
     pub fn host_rule(&self) -> Option<passthrough::MatchRule> {
@@ -203,13 +240,24 @@ impl Device {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// `[controller]`.
-    pub controller: Controller,
+    /// `[controller]`: the controller served from the start. Optional in
+    /// wrapper mode, where xl's `usbctrl` can ask for controllers instead.
+    pub controller: Option<Controller>,
     /// `[transport]`.
     pub transport: Transport,
     /// `[[device]]` entries.
     #[serde(default, rename = "device")]
     pub devices: Vec<Device>,
+    /// `[control]`: the control socket, if any.
+    pub control: Option<ControlCfg>,
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlCfg {
+    /// Where the control socket is created (owner-only permissions).
+    pub socket: PathBuf,
 }
 
 impl Config {
@@ -235,11 +283,23 @@ impl Config {
             key,
             msg,
         };
-        if cfg.controller.model != Model::Xhci {
-            return Err(invalid(
-                "controller.model".into(),
-                "only \"xhci\" is implemented so far".into(),
-            ));
+        match &cfg.controller {
+            Some(_) => {}
+            None if cfg.transport.kind != TransportKind::Xen => {
+                return Err(invalid(
+                    "controller".into(),
+                    "required for kind = \"vfio-user\"".into(),
+                ));
+            }
+            None if !cfg.devices.is_empty() => {
+                return Err(invalid(
+                    "device[0]".into(),
+                    "devices need a [controller] (xl's usbdev attaches host devices to \
+                     xl's usbctrl controllers)"
+                        .into(),
+                ));
+            }
+            None => {}
         }
         match cfg.transport.kind {
             TransportKind::VfioUser => match &cfg.transport.socket {
@@ -269,6 +329,7 @@ impl Config {
                     ));
                 }
                 match t.pci.as_deref() {
+                    None if cfg.controller.is_none() => {}
                     None => {
                         return Err(invalid(
                             "transport.pci".into(),
@@ -327,6 +388,34 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         for (i, d) in cfg.devices.iter_mut().enumerate() {
+            match &d.capture {
+                Some(c) => {
+                    if !c.is_absolute() {
+                        d.capture = Some(base.join(c));
+                    }
+                    if d.capture_snaplen
+                        .is_some_and(|n| n > hcd_emul::capture::MAX_SNAPLEN)
+                    {
+                        return Err(invalid(
+                            format!("device[{i}].capture_snaplen"),
+                            format!("at most {} bytes", hcd_emul::capture::MAX_SNAPLEN),
+                        ));
+                    }
+                }
+                None => {
+                    let keys = [
+                        ("capture_snaplen", d.capture_snaplen.is_some()),
+                        ("capture_max_mib", d.capture_max_mib.is_some()),
+                        ("capture_keep", d.capture_keep.is_some()),
+                    ];
+                    if let Some(k) = first_set(&keys) {
+                        return Err(invalid(
+                            format!("device[{i}].{k}"),
+                            "only with capture = \"FILE.pcap\"".into(),
+                        ));
+                    }
+                }
+            }
             match d.kind {
                 DeviceKind::Storage => {
                     let Some(img) = &d.image else {
@@ -347,20 +436,11 @@ impl Config {
                         ));
                     }
                     d.image = Some(full);
-                    for (key, set) in [
-                        ("bus", d.bus.is_some()),
-                        ("addr", d.addr.is_some()),
-                        ("port", d.port.is_some()),
-                        ("vendor", d.vendor.is_some()),
-                        ("product", d.product.is_some()),
-                        ("serial", d.serial.is_some()),
-                    ] {
-                        if set {
-                            return Err(invalid(
-                                format!("device[{i}].{key}"),
-                                "only for kind = \"host\"".into(),
-                            ));
-                        }
+                    if let Some(key) = first_set(&host_keys(d)) {
+                        return Err(invalid(
+                            format!("device[{i}].{key}"),
+                            "only for kind = \"host\"".into(),
+                        ));
                     }
                 }
                 DeviceKind::Host => {
@@ -368,10 +448,46 @@ impl Config {
                         return Err(invalid(format!("device[{i}].{key}"), msg));
                     }
                 }
+                DeviceKind::Keyboard | DeviceKind::Mouse | DeviceKind::Tablet => {
+                    let storage_keys = [
+                        ("image", d.image.is_some()),
+                        ("readonly", d.readonly),
+                        ("uas", d.uas),
+                    ];
+                    if let Some(key) = first_set(&storage_keys).or(first_set(&host_keys(d))) {
+                        return Err(invalid(
+                            format!("device[{i}].{key}"),
+                            "not for an input device (keyboard, mouse, tablet)".into(),
+                        ));
+                    }
+                    if d.speed == Some(SpeedCfg::Super) {
+                        return Err(invalid(
+                            format!("device[{i}].speed"),
+                            "an input device is \"full\" or \"high\" speed".into(),
+                        ));
+                    }
+                }
             }
         }
         Ok(cfg)
     }
+}
+
+/// The host-device keys of `d` and whether each is set.
+fn host_keys(d: &Device) -> [(&'static str, bool); 6] {
+    [
+        ("bus", d.bus.is_some()),
+        ("addr", d.addr.is_some()),
+        ("port", d.port.is_some()),
+        ("vendor", d.vendor.is_some()),
+        ("product", d.product.is_some()),
+        ("serial", d.serial.is_some()),
+    ]
+}
+
+/// The first key that is set.
+fn first_set(keys: &[(&'static str, bool)]) -> Option<&'static str> {
+    keys.iter().find(|(_, set)| *set).map(|(k, _)| *k)
 }
 
 /// Checks a `kind = "host"` entry: exactly one way to match, complete,
@@ -432,6 +548,20 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::parse(s, Path::new("/nonexistent/xen-dm.toml"))
+    }
+
+    #[test]
+    fn controller_is_optional_only_for_xen() {
+        let cfg = parse("[transport]\nkind = \"xen\"\nrestrict = true\n").unwrap();
+        assert!(cfg.controller.is_none());
+        let e = parse("[transport]\nkind=\"vfio-user\"\nsocket=\"/tmp/nonexistent-sock\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("controller: required"), "{e}");
+        let e = parse("[transport]\nkind = \"xen\"\n[[device]]\nkind=\"host\"\nbus=1\naddr=2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("need a [controller]"), "{e}");
     }
 
     #[test]
@@ -538,6 +668,32 @@ mod tests {
     }
 
     #[test]
+    fn keyboard_takes_only_its_keys() {
+        let ok = parse(&format!(
+            "{HEAD}[[device]]\nkind = \"keyboard\"\nspeed = \"full\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.devices[0].kind, DeviceKind::Keyboard);
+        for (body, key) in [
+            ("image = \"x.img\"\n", "device[0].image"),
+            ("bus = 1\naddr = 2\n", "device[0].bus"),
+            ("speed = \"super\"\n", "device[0].speed"),
+        ] {
+            let e = parse(&format!("{HEAD}[[device]]\nkind = \"keyboard\"\n{body}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{body:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn storage_speed_full_parses() {
+        let d: Device =
+            toml::from_str("kind=\"storage\"\nimage=\"s.img\"\nspeed=\"full\"\n").unwrap();
+        assert_eq!(d.speed, Some(SpeedCfg::Full));
+    }
+
+    #[test]
     fn host_device_errors_name_the_key() {
         let cases = [
             ("", "device[0].port"),
@@ -578,6 +734,6 @@ mod tests {
         std::fs::write(dir.path().join("stick.img"), vec![0u8; 4096]).unwrap();
         let cfg = Config::parse(text, &dir.path().join("xen-dm.toml")).unwrap();
         assert_eq!(cfg.devices.len(), 1);
-        assert_eq!(cfg.controller.model, Model::Xhci);
+        assert_eq!(cfg.controller.unwrap().model, Model::Xhci);
     }
 }

@@ -6,98 +6,223 @@
 //! `device_model_override`).
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
+pub mod control;
+pub mod ctl;
 mod evloop;
+pub mod mailbox;
+pub mod qmp;
+pub mod service;
 pub mod timeline;
 pub mod vfio_user;
 pub mod wrap;
 pub mod xen;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
+use hcd_emul::controller::{Controller, Model};
 use hcd_emul::usb::Speed;
-use hcd_emul::xhci::Xhci;
 use hcd_emul::UsbStorage;
 use tracing::info;
 
 pub use config::Config;
 pub use hcd_emul;
 
-/// Builds the xHCI with the configured devices, on `ram`, with device
-/// completions waking the event loop through `waker`.
-pub fn build_xhci(
+/// The controller model `cfg` asks for (xHCI without a `[controller]`).
+pub fn model_of(cfg: &Config) -> Model {
+    match cfg.controller.as_ref().map(|c| c.model) {
+        Some(config::Model::Ehci) => Model::Ehci,
+        Some(config::Model::Uhci) => Model::Uhci,
+        _ => Model::Xhci,
+    }
+}
+
+/// Builds the configured controller with the configured devices, on
+/// `ram`, with device completions waking the event loop through `waker`.
+pub fn build_controller(
     cfg: &Config,
     ram: hcd_emul::GuestRam,
     waker: Box<dyn Fn() + Send + Sync>,
-) -> anyhow::Result<Xhci> {
-    let mut x = Xhci::new(ram);
+    inputs: &mut Inputs,
+) -> anyhow::Result<Controller> {
+    build_with(model_of(cfg), &cfg.devices, ram, waker, inputs)
+}
+
+/// The input side of the emulated HID devices built (what the control
+/// socket feeds).
+#[derive(Debug, Default, Clone)]
+pub struct Inputs {
+    /// Keyboards, in configuration order.
+    pub keyboards: Vec<hcd_emul::hid::InputHandle>,
+    /// Mice and tablets, in configuration order.
+    pub pointers: Vec<hcd_emul::hid::InputHandle>,
+    /// Every device's capture switch: (index in `[[device]]`, switch).
+    pub captures: Vec<(usize, hcd_emul::capture::CaptureSwitch)>,
+}
+
+/// Attaches `dev` (device `i` of the configuration `d`) behind its capture
+/// switch, started if `d` configures a capture; returns the port.
+fn attach_captured(
+    x: &mut Controller,
+    i: usize,
+    d: &config::Device,
+    dev: Box<dyn hcd_emul::usb::UsbDevice>,
+    inputs: &mut Inputs,
+) -> anyhow::Result<String> {
+    use hcd_emul::capture::{CaptureSwitch, Captured};
+    let switch = CaptureSwitch::default();
+    if let Some(o) = d.capture_options() {
+        switch
+            .start(&o)
+            .with_context(|| format!("device[{i}].capture: {}", o.path.display()))?;
+        info!(
+            "device[{i}]: capturing into {} (usbmon pcap)",
+            o.path.display()
+        );
+    }
+    let port = x
+        .attach(Box::new(Captured::new(dev, switch.clone())))
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("device[{i}]: attach"))?;
+    inputs.captures.push((i, switch));
+    Ok(port.to_string())
+}
+
+fn speed_of(s: config::SpeedCfg) -> Speed {
+    match s {
+        config::SpeedCfg::Full => Speed::Full,
+        config::SpeedCfg::High => Speed::High,
+        config::SpeedCfg::Super => Speed::Super,
+    }
+}
+
+/// Builds a `model` controller with `devices` (see [`build_controller`]).
+pub fn build_with(
+    model: Model,
+    devices: &[config::Device],
+    ram: hcd_emul::GuestRam,
+    waker: Box<dyn Fn() + Send + Sync>,
+    inputs: &mut Inputs,
+) -> anyhow::Result<Controller> {
+    let mut x = Controller::new(model, ram);
     x.completion_queue().set_waker(waker);
-    for (i, d) in cfg.devices.iter().enumerate() {
-        match d.kind {
-            config::DeviceKind::Storage => {
-                let img = d
-                    .image
-                    .as_deref()
-                    .context(format!("device[{i}].image missing"))?;
-                let speed = match d.speed.unwrap_or_default() {
-                    config::SpeedCfg::High => Speed::High,
-                    config::SpeedCfg::Super => Speed::Super,
-                };
-                if d.uas && speed != Speed::Super {
-                    anyhow::bail!("device[{i}].uas: UAS needs speed = \"super\" (bulk streams)");
-                }
-                let dev = UsbStorage::open(img, d.readonly, speed)
-                    .with_context(|| format!("device[{i}].image: {}", img.display()))?
-                    .with_uas(d.uas);
-                let blocks = dev.blocks();
-                let port = x
-                    .attach(Box::new(dev))
-                    .with_context(|| format!("device[{i}]: attach"))?;
-                info!(
-                    "device[{i}]: storage {} ({} MiB{}{}) on root port {port}",
-                    img.display(),
-                    (blocks * 512) >> 20,
-                    if d.readonly { ", read-only" } else { "" },
-                    if d.uas { ", BOT + UAS" } else { "" }
+    for (i, d) in devices.iter().enumerate() {
+        attach_device(&mut x, i, d, inputs)?;
+    }
+    Ok(x)
+}
+
+/// Builds device `i` of the configuration (`d`) and plugs it into `x`;
+/// errors name `device[i]` and the key (`xen-usb-dm check` reports them).
+pub fn attach_device(
+    x: &mut Controller,
+    i: usize,
+    d: &config::Device,
+    inputs: &mut Inputs,
+) -> anyhow::Result<()> {
+    let model = x.model();
+    match d.kind {
+        config::DeviceKind::Storage => {
+            let img = d
+                .image
+                .as_deref()
+                .context(format!("device[{i}].image missing"))?;
+            // The fastest speed the controller has.
+            let speed = d.speed.map(speed_of).unwrap_or(match model {
+                Model::Xhci => Speed::Super,
+                Model::Ehci => Speed::High,
+                Model::Uhci => Speed::Full,
+            });
+            if d.uas && !matches!(speed, Speed::Super | Speed::High) {
+                anyhow::bail!(
+                    "device[{i}].uas: UAS needs speed = \"super\" or \"high\" (not at full speed)"
                 );
             }
-            config::DeviceKind::Host => {
-                let rule = d
-                    .host_rule()
-                    .context(format!("device[{i}]: no match rule"))?;
-                let opts = passthrough::HostOptions {
-                    speed: d.speed.map(|s| match s {
-                        config::SpeedCfg::High => Speed::High,
-                        config::SpeedCfg::Super => Speed::Super,
-                    }),
-                    ..Default::default()
-                };
-                let dev = passthrough::HostDevice::new(rule.clone(), opts)
-                    .with_context(|| format!("device[{i}]: host {rule}"))?;
-                let present = dev.monitor().device();
-                let port = x
-                    .attach(Box::new(dev))
-                    .with_context(|| format!("device[{i}]: attach"))?;
-                match present {
-                    Some(h) => info!(
-                        "device[{i}]: host {rule} (now {} at bus {} addr {}) on root port {port}",
-                        h.port, h.bus, h.addr
-                    ),
-                    None => {
-                        info!("device[{i}]: host {rule} (not plugged in yet) on root port {port}")
-                    }
+            if model == Model::Uhci && matches!(speed, Speed::High | Speed::Super) {
+                anyhow::bail!("device[{i}].speed: UHCI is full and low speed only (\"full\")");
+            }
+            if model == Model::Ehci && speed == Speed::Super {
+                anyhow::bail!(
+                    "device[{i}].speed: \"super\" needs the xHCI (EHCI: \"high\" or \"full\")"
+                );
+            }
+            let dev = UsbStorage::open(img, d.readonly, speed)
+                .with_context(|| format!("device[{i}].image: {}", img.display()))?
+                .with_uas(d.uas);
+            let blocks = dev.blocks();
+            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
+            info!(
+                "device[{i}]: storage {} ({} MiB{}{}) on {port}",
+                img.display(),
+                (blocks * 512) >> 20,
+                if d.readonly { ", read-only" } else { "" },
+                if d.uas { ", BOT + UAS" } else { "" }
+            );
+        }
+        config::DeviceKind::Keyboard | config::DeviceKind::Mouse | config::DeviceKind::Tablet => {
+            use hcd_emul::hid::{HidDevice, Kind};
+            // High speed where the controller has it (the guest polls
+            // less often), full speed on the UHCI.
+            let speed = d.speed.map(speed_of).unwrap_or(match model {
+                Model::Uhci => Speed::Full,
+                _ => Speed::High,
+            });
+            let kind = match d.kind {
+                config::DeviceKind::Keyboard => Kind::Keyboard,
+                config::DeviceKind::Mouse => Kind::Mouse,
+                _ => Kind::Tablet,
+            };
+            let (dev, input) = HidDevice::with_kind(kind, speed)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("device[{i}]"))?;
+            let name = hcd_emul::usb::UsbDevice::name(&dev);
+            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
+            info!("device[{i}]: {name} on {port}");
+            if kind == Kind::Keyboard {
+                inputs.keyboards.push(input);
+            } else {
+                inputs.pointers.push(input);
+            }
+        }
+        config::DeviceKind::Host => {
+            let rule = d
+                .host_rule()
+                .context(format!("device[{i}]: no match rule"))?;
+            let opts = passthrough::HostOptions {
+                speed: d.speed.map(speed_of),
+                ..Default::default()
+            };
+            let dev = passthrough::HostDevice::new(rule.clone(), opts)
+                .with_context(|| format!("device[{i}]: host {rule}"))?;
+            let present = dev.monitor().device();
+            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
+            match present {
+                Some(h) => info!(
+                    "device[{i}]: host {rule} (now {} at bus {} addr {}) on {port}",
+                    h.port, h.bus, h.addr
+                ),
+                None => {
+                    info!("device[{i}]: host {rule} (not plugged in yet) on {port}")
                 }
             }
         }
     }
-    Ok(x)
+    Ok(())
 }
 
 /// Runs the device model described by `cfg` until `stop()` returns true
 /// (checked after every wake-up, at least once a second) or, on Xen, the
 /// domain is gone. The vfio-user socket is removed on return.
 pub fn run(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
+    if cfg.controller.is_none() {
+        anyhow::bail!(
+            "no [controller] configured (only wrapper mode, --wrap, serves xl's usbctrl instead)"
+        );
+    }
     match cfg.transport.kind {
         config::TransportKind::VfioUser => run_vfio_user(cfg, stop),
         config::TransportKind::Xen => run_xen(cfg, None, || {}, stop),
@@ -111,12 +236,13 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
         .as_deref()
         .context("transport.socket missing")?;
     let mut build_err = None;
+    let mut inputs = Inputs::default();
     let mut server = vfio_user::Server::new(sock, |ram, waker| {
-        match build_xhci(cfg, ram.clone(), waker) {
+        match build_controller(cfg, ram.clone(), waker, &mut inputs) {
             Ok(x) => x,
             Err(e) => {
                 build_err = Some(e);
-                Xhci::new(ram)
+                Controller::new(Model::Xhci, ram)
             }
         }
     })?;
@@ -124,12 +250,44 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
         return Err(e);
     }
     info!(
-        "xen-usb-dm: xHCI served over vfio-user on {}",
+        "xen-usb-dm: {:?} served over vfio-user on {}",
+        model_of(cfg),
         socket_display(sock)
     );
-    server.run(|_| stop())?;
+    let quit = Arc::new(AtomicBool::new(false));
+    let mailbox = mailbox::Mailbox::new(server.waker()?);
+    let _control = start_control(cfg, &mailbox, &inputs, &quit)?;
+    server.run_with(
+        |_| stop() || quit.load(Ordering::Relaxed),
+        |pci| mailbox.run(pci),
+    )?;
     info!("xen-usb-dm: stopping");
     Ok(())
+}
+
+/// The control socket, if the configuration has one.
+fn start_control(
+    cfg: &Config,
+    mailbox: &mailbox::Mailbox,
+    inputs: &Inputs,
+    quit: &Arc<AtomicBool>,
+) -> anyhow::Result<Option<control::Control>> {
+    let Some(c) = &cfg.control else {
+        return Ok(None);
+    };
+    let ctl = control::Control::start(
+        &c.socket,
+        control::Target {
+            mailbox: mailbox.clone(),
+            keyboards: inputs.keyboards.clone(),
+            pointers: inputs.pointers.clone(),
+            captures: inputs.captures.clone(),
+            quit: quit.clone(),
+        },
+    )
+    .with_context(|| format!("control.socket: {}", c.socket.display()))?;
+    info!("xen-usb-dm: control socket on {}", c.socket.display());
+    Ok(Some(ctl))
 }
 
 fn socket_display(p: &Path) -> String {
@@ -174,8 +332,6 @@ pub fn run_xen(
     ready: impl FnOnce(),
     stop: impl Fn() -> bool,
 ) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use xen::hv::Sbdf;
     let domid = match domid {
         Some(d) => d,
         None => resolve_domid(cfg)?,
@@ -186,21 +342,55 @@ pub fn run_xen(
         .as_deref()
         .and_then(config::parse_pci)
         .context("transport.pci")?;
-    let sbdf = Sbdf {
+    let sbdf = xen::hv::Sbdf {
         seg,
         bus,
         dev,
         func,
     };
+    let mut inputs = Inputs::default();
+    let mut server = xen_server(cfg, model_of(cfg), true, domid, sbdf, &mut inputs)?;
+    let quit = Arc::new(AtomicBool::new(false));
+    let mailbox = mailbox::Mailbox::new(server.waker()?);
+    let _control = start_control(cfg, &mailbox, &inputs, &quit)?;
+    deprivilege(t)?;
+    info!(
+        "xen-usb-dm: ready: serving {:?} to domain {domid} at {}",
+        model_of(cfg),
+        t.pci.as_deref().unwrap_or("")
+    );
+    ready();
+    let exit = server.run_with(
+        || stop() || quit.load(Ordering::Relaxed),
+        |pci| mailbox.run(pci),
+    )?;
+    info!("xen-usb-dm: stopping ({exit:?})");
+    Ok(())
+}
+
+/// An ioreq server for `domid` serving an xHCI at `sbdf` (with the
+/// configured devices if `devices`), its Xen descriptors restricted to
+/// the domain if the configuration asks for any confinement.
+pub fn xen_server(
+    cfg: &Config,
+    model: Model,
+    devices: bool,
+    domid: u16,
+    sbdf: xen::hv::Sbdf,
+    inputs: &mut Inputs,
+) -> anyhow::Result<xen::server::XenServer<Controller>> {
+    use std::sync::Arc;
+    let t = &cfg.transport;
     let hv = Arc::new(xen::sys::Privcmd::open(domid)?);
     let ev = Box::new(xen::sys::Evtchn::open(domid)?);
+    let list: &[config::Device] = if devices { &cfg.devices } else { &[] };
     let mut build_err = None;
     let mut server = xen::server::XenServer::new(hv, ev, sbdf, |ram, waker| {
-        match build_xhci(cfg, ram.clone(), waker) {
+        match build_with(model, list, ram.clone(), waker, inputs) {
             Ok(x) => x,
             Err(e) => {
                 build_err = Some(e);
-                Xhci::new(ram)
+                Controller::new(model, ram)
             }
         }
     })
@@ -212,20 +402,62 @@ pub fn run_xen(
         server
             .restrict()
             .context("restricting the Xen descriptors to the domain")?;
-        deprivilege(t)?;
+    }
+    Ok(server)
+}
+
+/// Wrapper mode with libxl's monitor interposed (`qmp`): the configured
+/// controller (if any) before `ready()`, then the QMP proxy serving xl's
+/// USB commands until QEMU exits or `stop()`. Without `qmp`, as
+/// [`run_xen`].
+pub fn run_wrapped(
+    cfg: &Config,
+    domid: u16,
+    qmp: Option<qmp::Interposed>,
+    ready: impl FnOnce(),
+    stop: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let Some(qmp) = qmp else {
+        if cfg.controller.is_none() {
+            anyhow::bail!(
+                "no [controller] configured and no libxl monitor in the arguments to serve \
+                 xl's usbctrl: nothing to serve"
+            );
+        }
+        return run_xen(cfg, Some(domid), ready, stop);
+    };
+    if cfg.control.is_some() {
+        // The service runs several controllers, each on its own thread;
+        // the control socket does not serve them yet.
+        anyhow::bail!(
+            "control.socket: not available in wrapper mode with xl's USB commands yet \
+             (remove [control], or run next to xl create -p)"
+        );
+    }
+    let mut svc = service::Service::new(cfg.clone(), domid);
+    if cfg.controller.is_some() {
+        svc.start_configured()?;
     }
     info!(
-        "xen-usb-dm: ready: serving xHCI to domain {domid} at {}",
-        t.pci.as_deref().unwrap_or("")
+        "xen-usb-dm: ready: domain {domid}{}, serving xl's USB commands on libxl's monitor",
+        match &cfg.transport.pci {
+            Some(p) if cfg.controller.is_some() => format!(", xHCI at {p}"),
+            _ => String::new(),
+        }
     );
     ready();
-    let exit = server.run(stop)?;
-    info!("xen-usb-dm: stopping ({exit:?})");
+    let mut proxy = qmp::proxy::Proxy::new(qmp.libxl, qmp.qemu, svc)?;
+    let end = proxy.run(stop)?;
+    info!("xen-usb-dm: stopping ({end:?})");
+    proxy.host_mut().shutdown();
     Ok(())
 }
 
 /// chroot, then drop groups, gid and uid, as the configuration asks.
-fn deprivilege(t: &config::Transport) -> anyhow::Result<()> {
+pub(crate) fn deprivilege(t: &config::Transport) -> anyhow::Result<()> {
+    if t.chroot.is_none() && t.uid.is_none() {
+        return Ok(());
+    }
     if let Some(dir) = &t.chroot {
         std::os::unix::fs::chroot(dir)
             .with_context(|| format!("transport.chroot: {}", dir.display()))?;
@@ -250,4 +482,93 @@ fn deprivilege(t: &config::Transport) -> anyhow::Result<()> {
         t.chroot, t.uid
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn devices(image: &std::path::Path, speed: &str) -> Vec<config::Device> {
+        let t = format!(
+            "kind = \"storage\"\nimage = \"{}\"\n{speed}",
+            image.display()
+        );
+        vec![toml::from_str(&t).unwrap()]
+    }
+
+    #[test]
+    fn uhci_takes_a_full_speed_stick_and_refuses_faster_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("s.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let ram = hcd_emul::GuestRam::anonymous(1 << 20);
+        let x = build_with(
+            Model::Uhci,
+            &devices(&img, ""),
+            ram.clone(),
+            Box::new(|| {}),
+            &mut Inputs::default(),
+        );
+        let x = x.expect("a stick on UHCI defaults to full speed");
+        assert_eq!(x.model(), Model::Uhci);
+        let e = build_with(
+            Model::Uhci,
+            &devices(&img, "speed = \"high\"\n"),
+            ram,
+            Box::new(|| {}),
+            &mut Inputs::default(),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("full and low speed only"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn uas_at_super_and_high_speed_not_at_full_speed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("s.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let ram = hcd_emul::GuestRam::anonymous(1 << 20);
+        let build = |model, extra: &str| {
+            build_with(
+                model,
+                &devices(&img, extra),
+                ram.clone(),
+                Box::new(|| {}),
+                &mut Inputs::default(),
+            )
+        };
+        for (model, extra) in [
+            (Model::Xhci, "uas = true\n"),
+            (Model::Ehci, "uas = true\n"),
+            (Model::Xhci, "uas = true\nspeed = \"high\"\n"),
+        ] {
+            build(model, extra).unwrap_or_else(|e| panic!("{model:?} {extra:?}: {e:#}"));
+        }
+        for (model, extra) in [
+            (Model::Ehci, "uas = true\nspeed = \"full\"\n"),
+            (Model::Uhci, "uas = true\n"),
+        ] {
+            let e = build(model, extra).map(|_| ()).unwrap_err();
+            assert!(format!("{e:#}").contains("not at full speed"), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn a_keyboard_beside_the_stick_on_every_controller() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("s.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let mut devs = devices(&img, "");
+        devs.push(toml::from_str("kind = \"keyboard\"").unwrap());
+        for model in [Model::Xhci, Model::Ehci, Model::Uhci] {
+            let ram = hcd_emul::GuestRam::anonymous(1 << 20);
+            let mut inputs = Inputs::default();
+            let x = build_with(model, &devs, ram, Box::new(|| {}), &mut inputs);
+            assert!(x.is_ok(), "{model:?}: {:?}", x.err());
+            assert_eq!(inputs.keyboards.len(), 1);
+        }
+    }
 }

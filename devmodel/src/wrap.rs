@@ -10,6 +10,12 @@
 //! paused) sees our device from its first instruction. The service process
 //! keeps stdout/stderr (libxl's device-model log) and no other inherited
 //! descriptor, and ends when the domain dies.
+//!
+//! When the arguments carry libxl's QMP monitor (`-chardev
+//! socket,id=libxl-cmd,...`), it is interposed first ([`crate::qmp`]):
+//! the service process then listens where libxl connects, forwards to
+//! QEMU what is QEMU's and serves xl's USB commands itself; its
+//! controllers come from `[controller]` and from xl's `usbctrl`.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -19,6 +25,8 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use anyhow::{bail, Context};
+
+use crate::qmp::Interposed;
 
 /// The domain id libxl passes as `-xen-domid N`, if any.
 pub fn xen_domid(args: &[OsString]) -> anyhow::Result<Option<u16>> {
@@ -166,6 +174,97 @@ pub fn lift_file_size_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The descriptor of libxl's QMP socket when it is passed listening
+/// (`-chardev socket,id=libxl-cmd,fd=N,...`: always in libxl's probe,
+/// and under `dm_restrict=1`).
+pub fn qmp_listen_fd(args: &[OsString]) -> Option<i32> {
+    let mut it = args.iter().map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        if a != "-chardev" {
+            continue;
+        }
+        let v = it.next()?;
+        let kv: Vec<&str> = v.split(',').collect();
+        if kv.first() == Some(&"socket") && kv.contains(&"id=libxl-cmd") {
+            return kv.iter().find_map(|p| p.strip_prefix("fd=")?.parse().ok());
+        }
+    }
+    None
+}
+
+/// libxl 4.20+ probes QEMU first (`-machine none`) on a QMP socket it
+/// bound at `/var/run/xen/qmp-libxl-N` and passes as `fd=`, then stops it
+/// with `quit` and SIGHUP and, without waiting for it to exit, binds the
+/// same path again for the real start under `dm_restrict=1`. QEMU unlinks
+/// the path of a listening socket when it exits (`socket_listen_cleanup`),
+/// so a probe slow to exit removes the real start's socket: libxl's
+/// connect fails with ENOENT and the domain is not created (seen on the
+/// nested test bed, where the probe's exit is slow; stock QEMU is exposed
+/// the same way). The probe gets a private mount namespace in which an
+/// empty tmpfs covers the socket's directory, so its unlink finds nothing.
+/// Best effort: on any failure the probe runs as it would have.
+fn shield_probe_qmp_path(args: &[OsString]) {
+    let Some(fd) = qmp_listen_fd(args) else {
+        return;
+    };
+    // SAFETY: getsockname into a sockaddr_un we own, with its size.
+    let path = unsafe {
+        let mut sa: libc::sockaddr_un = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut len) != 0
+            || sa.sun_family != libc::AF_UNIX as libc::sa_family_t
+        {
+            return;
+        }
+        let bytes: Vec<u8> = sa
+            .sun_path
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        std::path::PathBuf::from(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+            bytes,
+        ))
+    };
+    let Some(dir) = path
+        .parent()
+        .filter(|d| d.is_absolute() && *d != Path::new("/"))
+    else {
+        return;
+    };
+    let Ok(cdir) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+    else {
+        return;
+    };
+    // SAFETY: unshare and mount with NUL-terminated strings we own (or
+    // null where mount(2) allows it); they only change this process's
+    // (new, private) mount namespace.
+    let r = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+            && libc::mount(
+                c"tmpfs".as_ptr(),
+                cdir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=4k,mode=0700".as_ptr().cast(),
+            ) == 0
+    };
+    if !r {
+        eprintln!(
+            "xen-usb-dm: probe: cannot shield {} from QEMU's exit ({}); libxl may lose its QMP socket",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Replaces this process with `qemu args...` (argv, environment and open
 /// descriptors unchanged). Returns only on failure.
 pub fn exec_qemu(qemu: &Path, args: &[OsString]) -> anyhow::Error {
@@ -175,7 +274,7 @@ pub fn exec_qemu(qemu: &Path, args: &[OsString]) -> anyhow::Error {
 
 /// Closes every descriptor above 2 except `keep` (the service process must
 /// not hold libxl's QMP socket or anything else meant for QEMU).
-fn close_inherited(keep: i32) {
+fn close_inherited(keep: &[i32]) {
     let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
         Ok(d) => d
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -183,10 +282,10 @@ fn close_inherited(keep: i32) {
         Err(_) => return,
     };
     for fd in fds {
-        if fd > 2 && fd != keep {
+        if fd > 2 && !keep.contains(&fd) {
             // SAFETY: closing a descriptor number this process inherited;
             // nothing in this (freshly forked, single-threaded) process
-            // owns it as a Rust object except `keep`, which is skipped.
+            // owns it as a Rust object except those in `keep`, skipped.
             // The directory iterator's own descriptor is already closed.
             unsafe {
                 libc::close(fd);
@@ -201,14 +300,32 @@ fn close_inherited(keep: i32) {
 pub fn run(
     qemu: &Path,
     args: &[OsString],
-    serve: impl FnOnce(u16, &mut dyn FnMut()) -> anyhow::Result<()>,
+    serve: impl FnOnce(u16, Option<Interposed>, &mut dyn FnMut()) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let Some(domid) = xen_domid(args)? else {
         // libxl's probe (or anything else): not ours.
+        shield_probe_qmp_path(args);
         return Err(exec_qemu(qemu, args));
     };
-    start_service(domid, serve)?;
-    Err(exec_qemu(qemu, args))
+    let mut args = args.to_vec();
+    let (ours, qemu_side) = match crate::qmp::interpose(&mut args)? {
+        Some((i, q)) => (Some(i), Some(q)),
+        None => (None, None),
+    };
+    let keep: Vec<i32> = ours
+        .as_ref()
+        .map(|i| vec![i.libxl.as_raw_fd(), i.qemu.as_raw_fd()])
+        .unwrap_or_default();
+    let mut ours = ours;
+    start_service(domid, &keep, |domid, ready| {
+        serve(domid, ours.take(), ready)
+    })?;
+    // This process becomes QEMU: our ends are the service process's now.
+    drop(ours);
+    if let Some(q) = qemu_side {
+        q.install()?;
+    }
+    Err(exec_qemu(qemu, &args))
 }
 
 /// Forks the service process, which runs `serve(domid, ready)`, and
@@ -216,6 +333,7 @@ pub fn run(
 /// reason it failed before that.
 fn start_service(
     domid: u16,
+    keep: &[i32],
     serve: impl FnOnce(u16, &mut dyn FnMut()) -> anyhow::Result<()>,
 ) -> anyhow::Result<libc::pid_t> {
     let mut fds = [0i32; 2];
@@ -234,7 +352,9 @@ fn start_service(
     }
     if pid == 0 {
         drop(rd);
-        close_inherited(wr.as_raw_fd());
+        let mut keep = keep.to_vec();
+        keep.push(wr.as_raw_fd());
+        close_inherited(&keep);
         // Closed as soon as the answer is written: the parent reads one
         // line, but an open pipe must not be what holds QEMU back.
         let mut pipe = Some(File::from(wr));
@@ -322,6 +442,27 @@ mod tests {
         assert!(xen_domid(&args(&["-xen-domid"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "x"])).is_err());
         assert!(xen_domid(&args(&["-xen-domid", "70000"])).is_err());
+    }
+
+    #[test]
+    fn qmp_listen_fd_is_libxls_passed_socket_only() {
+        let probe = args(&[
+            "-machine",
+            "none,accel=xen",
+            "-chardev",
+            "socket,id=libxl-cmd,fd=16,server=on,wait=off",
+            "-mon",
+            "chardev=libxl-cmd,mode=control",
+        ]);
+        assert_eq!(qmp_listen_fd(&probe), Some(16));
+        let path = args(&[
+            "-chardev",
+            "socket,id=libxl-cmd,path=/var/run/xen/qmp-libxl-3,server=on,wait=off",
+            "-chardev",
+            "socket,id=libxenstat-cmd,fd=7,server=on,wait=off",
+        ]);
+        assert_eq!(qmp_listen_fd(&path), None);
+        assert_eq!(qmp_listen_fd(&args(&["-chardev"])), None);
     }
 
     #[test]
@@ -438,7 +579,7 @@ mod tests {
     #[test]
     fn ready_returns_while_the_service_runs() {
         let t0 = std::time::Instant::now();
-        let pid = start_service(7, |domid, ready| {
+        let pid = start_service(7, &[], |domid, ready| {
             if domid == 7 {
                 ready();
             }

@@ -56,7 +56,7 @@ fn start_with(log: Option<LogCounter>) -> Running {
     let sock2 = sock.clone();
     let thread = std::thread::spawn(move || {
         let mut server = Server::new(&sock2, |ram, waker| {
-            devmodel::build_xhci(&cfg, ram, waker).unwrap()
+            devmodel::build_controller(&cfg, ram, waker, &mut devmodel::Inputs::default()).unwrap()
         })
         .unwrap();
         tx.send(()).unwrap();

@@ -55,7 +55,7 @@ fn too_many_fds_in_one_message_are_closed_and_the_stream_stays_in_sync() {
     let (s2, sock2) = (stop.clone(), sock.clone());
     let thread = std::thread::spawn(move || {
         let mut server = Server::new(&sock2, |ram, waker| {
-            devmodel::build_xhci(&cfg, ram, waker).unwrap()
+            devmodel::build_controller(&cfg, ram, waker, &mut devmodel::Inputs::default()).unwrap()
         })
         .unwrap();
         tx.send(()).unwrap();

@@ -154,7 +154,24 @@ impl<C: PciController> Server<C> {
 
     /// Serves until `stop()` returns true (checked after every wake-up) or
     /// the event loop fails.
-    pub fn run(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), ServerError> {
+    pub fn run(&mut self, stop: impl FnMut(&Self) -> bool) -> Result<(), ServerError> {
+        self.run_with(stop, |_| false)
+    }
+
+    /// A callback that wakes [`Server::run_with`]'s loop from any thread
+    /// (after posting it work).
+    pub fn waker(&self) -> std::io::Result<Box<dyn Fn() + Send + Sync>> {
+        self.lp.waker()
+    }
+
+    /// As [`Server::run`], calling `tick(pci)` after every wake-up (work
+    /// posted from other threads: the control socket's commands); when it
+    /// returns true, the controller then processes what changed.
+    pub fn run_with(
+        &mut self,
+        mut stop: impl FnMut(&Self) -> bool,
+        mut tick: impl FnMut(&mut PciFunction<C>) -> bool,
+    ) -> Result<(), ServerError> {
         loop {
             if stop(self) {
                 if self.client.is_some() {
@@ -172,6 +189,9 @@ impl<C: PciController> Server<C> {
                 .wait(self.pci.next_deadline(), Duration::from_secs(1))
                 .map_err(ServerError::Poll)?;
             self.handle(wakes);
+            if tick(&mut self.pci) {
+                self.pci.process();
+            }
             if self
                 .pci
                 .next_deadline()

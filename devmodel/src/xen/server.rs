@@ -346,7 +346,24 @@ impl<C: PciController> XenServer<C> {
     }
 
     /// Serves until `stop()` returns true or the domain goes away.
-    pub fn run(&mut self, mut stop: impl FnMut() -> bool) -> Result<Exit, XenError> {
+    pub fn run(&mut self, stop: impl FnMut() -> bool) -> Result<Exit, XenError> {
+        self.run_with(stop, |_| false)
+    }
+
+    /// A callback that wakes [`XenServer::run_with`]'s loop (from any
+    /// thread), e.g. after posting it work.
+    pub fn waker(&self) -> io::Result<Box<dyn Fn() + Send + Sync>> {
+        self.lp.waker()
+    }
+
+    /// As [`XenServer::run`], calling `tick(pci)` after every wake-up (work
+    /// posted from other threads: attach or detach a device); when it
+    /// returns true, the controller then processes what changed.
+    pub fn run_with(
+        &mut self,
+        mut stop: impl FnMut() -> bool,
+        mut tick: impl FnMut(&mut PciFunction<C>) -> bool,
+    ) -> Result<Exit, XenError> {
         let mut last_check = Instant::now();
         let mut logged = 0;
         loop {
@@ -362,6 +379,9 @@ impl<C: PciController> XenServer<C> {
                     Wake::Completion | Wake::Deadline => self.process(),
                     Wake::Fd(_) => self.serve_ports(),
                 }
+            }
+            if tick(&mut self.pci) {
+                self.process();
             }
             if self
                 .pci

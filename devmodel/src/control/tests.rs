@@ -1,0 +1,385 @@
+//! The control socket against real clients on its Unix socket: greeting
+//! and negotiation, the commands, malformed JSON, wrong types, oversized
+//! input, a client leaving mid-command, two clients, too many clients,
+//! quit. The controller (a UHCI with a stick and a keyboard) runs on a
+//! thread of its own serving the mailbox, as a transport's loop would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hcd_emul::controller::{Controller, Model};
+use hcd_emul::hid::Keyboard;
+use hcd_emul::pci::{InterruptTransport, MsiMessage, PciFunction};
+use hcd_emul::usb::Speed;
+use serde_json::{json, Value};
+
+use super::*;
+
+#[derive(Debug)]
+struct NoIrq;
+impl InterruptTransport for NoIrq {
+    fn set_intx(&mut self, _: bool) {}
+    fn send_msi(&mut self, _: MsiMessage) {}
+}
+
+struct Bed {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    control: Option<Control>,
+    kbd: InputHandle,
+    tablet: InputHandle,
+    quit: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        self.control.take();
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bed() -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let (kbd, handle) = Keyboard::new(Speed::Full).unwrap();
+    let (tab, tablet) =
+        hcd_emul::hid::HidDevice::with_kind(hcd_emul::hid::Kind::Tablet, Speed::Full).unwrap();
+    let mut x = Controller::new(Model::Uhci, hcd_emul::GuestRam::anonymous(1 << 20));
+    let capture = hcd_emul::capture::CaptureSwitch::default();
+    x.attach(Box::new(hcd_emul::capture::Captured::new(
+        Box::new(kbd),
+        capture.clone(),
+    )))
+    .unwrap();
+    x.attach(Box::new(tab)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mailbox = Mailbox::new(Box::new(move || {
+        let _ = tx.send(());
+    }));
+    let done = Arc::new(AtomicBool::new(false));
+    let (mb, d) = (mailbox.clone(), done.clone());
+    let thread = std::thread::spawn(move || {
+        let mut pci = PciFunction::new(x, Box::new(NoIrq));
+        while !d.load(Ordering::Relaxed) {
+            let _ = rx.recv_timeout(Duration::from_millis(50));
+            mb.run(&mut pci);
+        }
+    });
+    let quit = Arc::new(AtomicBool::new(false));
+    let control = Control::start(
+        &path,
+        Target {
+            mailbox,
+            keyboards: vec![handle.clone()],
+            pointers: vec![tablet.clone()],
+            captures: vec![(0, capture.clone())],
+            quit: quit.clone(),
+        },
+    )
+    .unwrap();
+    Bed {
+        _dir: dir,
+        path,
+        control: Some(control),
+        kbd: handle,
+        tablet,
+        quit,
+        done,
+        thread: Some(thread),
+    }
+}
+
+struct Client {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn connect(b: &Bed) -> (Client, Value) {
+        let s = UnixStream::connect(&b.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Client {
+            w: s.try_clone().unwrap(),
+            r: BufReader::new(s),
+        };
+        let g = c.read().expect("greeting");
+        (c, g)
+    }
+
+    fn ready(b: &Bed) -> Client {
+        let (mut c, _) = Client::connect(b);
+        assert_eq!(
+            c.cmd(json!({"execute": "qmp_capabilities"})),
+            json!({"return": {}})
+        );
+        c
+    }
+
+    fn read(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                assert!(line.ends_with("\r\n"), "{line:?}");
+                Some(serde_json::from_str(&line).unwrap())
+            }
+        }
+    }
+
+    fn send(&mut self, raw: &[u8]) {
+        self.w.write_all(raw).unwrap();
+    }
+
+    fn cmd(&mut self, v: impl std::fmt::Display) -> Value {
+        self.send(v.to_string().as_bytes());
+        self.read().expect("an answer")
+    }
+}
+
+fn class(v: &Value) -> &str {
+    v["error"]["class"].as_str().unwrap_or("")
+}
+
+#[test]
+fn greeting_negotiation_and_commands() {
+    let b = bed();
+    let (mut c, g) = Client::connect(&b);
+    assert!(g["QMP"]["version"]["package"]
+        .as_str()
+        .unwrap()
+        .starts_with("xen-usb-dm"));
+    assert_eq!(g["QMP"]["capabilities"], json!([]));
+    let r = c.cmd(json!({"execute": "query-status", "id": 1}));
+    assert_eq!(
+        (class(&r), &r["id"]),
+        ("CommandNotFound", &json!(1)),
+        "before negotiation: {r}"
+    );
+    assert_eq!(
+        c.cmd(json!({"execute": "qmp_capabilities", "id": "x"})),
+        json!({"return": {}, "id": "x"})
+    );
+    assert_eq!(
+        class(&c.cmd(json!({"execute": "qmp_capabilities"}))),
+        "CommandNotFound"
+    );
+    let r = c.cmd(json!({"execute": "query-status", "id": {"a": [1]}}));
+    assert_eq!(
+        r,
+        json!({"return": {"status": "running", "running": true}, "id": {"a": [1]}})
+    );
+    let r = c.cmd(json!({"execute": "query-usb"}));
+    assert_eq!(r["return"]["controller"], "uhci");
+    let devs = r["return"]["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 2);
+    assert!(devs[1]["device"].as_str().unwrap().contains("tablet"));
+    assert_eq!(
+        (devs[0]["port"].clone(), devs[0]["speed"].clone()),
+        (json!(1), json!("full"))
+    );
+    assert!(devs[0]["device"].as_str().unwrap().contains("keyboard"));
+    // Keys: 'a' down and up, QMP's shape; two reports queued for the guest.
+    let ev = |down| json!({"type": "key", "data": {"down": down, "key": {"type": "qcode", "data": "a"}}});
+    let r = c.cmd(
+        json!({"execute": "input-send-event", "arguments": {"events": [ev(true), ev(false)]}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(b.kbd.pending(), 2);
+    let r = c.cmd(json!({"execute": "send-key", "arguments": {"keys": [
+        {"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "delete"}],
+        "hold-time": 10}}));
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(b.kbd.pending(), 8, "three presses, three releases");
+    assert_eq!(
+        class(&c.cmd(json!({"execute": "frobnicate"}))),
+        "CommandNotFound"
+    );
+    // Pointer: an absolute move and a click go to the tablet (the move is
+    // coalesced, then flushed before the click: two reports).
+    let r = c.cmd(
+        json!({"execute": "input-send-event", "arguments": {"events": [
+        {"type": "abs", "data": {"axis": "x", "value": 100}},
+        {"type": "abs", "data": {"axis": "y", "value": 200}},
+        {"type": "btn", "data": {"down": true, "button": "left"}}]}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(b.tablet.pending(), 2);
+}
+
+#[test]
+fn bad_input_gets_errors_and_the_session_goes_on() {
+    let b = bed();
+    let mut c = Client::ready(&b);
+    let cases: Vec<(&[u8], &str)> = vec![
+        (b"{\"execute\": \"query-status\",,}\n", "JSON parse error"),
+        (b"[1, 2]", "must be an object"),
+        (b"{\"execute\": 5}", "'execute' must be a string"),
+        (b"{\"arguments\": {}}", "lacks member 'execute'"),
+        (b"{\"execute\": \"query-status\", \"arguments\": []}", "'arguments' must be an object"),
+        (b"{\"execute\": \"query-status\", \"extra\": 1}", "'extra' is unexpected"),
+        (b"{\"execute\": \"query-status\", \"arguments\": {\"x\": 1}}", "'x' is unexpected"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": 3}}", "'events'"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": []}}", "1 to 64"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"key\", \"data\": {\"down\": 1}}]}}", "down must be a boolean"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"key\", \"data\": {\"down\": true, \"key\": {\"type\": \"qcode\", \"data\": \"nosuchkey\"}}}]}}", "unknown qcode"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"key\", \"data\": {\"down\": true, \"key\": {\"type\": \"number\", \"data\": 30}}}]}}", "numbers are not supported"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"rel\", \"data\": {\"axis\": \"x\", \"value\": 1}}]}}", "no mouse"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"abs\", \"data\": {\"axis\": \"z\", \"value\": 1}}]}}", "axis must be"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"abs\", \"data\": {\"axis\": \"x\", \"value\": 1e99}}]}}", "32-bit integer"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"btn\", \"data\": {\"down\": true, \"button\": \"side\"}}]}}", "button must be"),
+        (b"{\"execute\": \"input-send-event\", \"arguments\": {\"events\": [{\"type\": \"joystick\"}]}}", "type must be"),
+        (b"{\"execute\": \"send-key\", \"arguments\": {\"keys\": [{\"type\": \"qcode\", \"data\": \"a\"}], \"hold-time\": 999999}}", "hold-time"),
+        (b"{\"execute\": \"send-key\", \"arguments\": {\"keys\": \"a\"}}", "'keys'"),
+    ];
+    for (raw, want) in cases {
+        c.send(raw);
+        let r = c.read().expect("an answer");
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains(want), "{}: {r}", String::from_utf8_lossy(raw));
+    }
+    assert_eq!(b.kbd.pending(), 0, "nothing half-sent");
+    // A list of events with one bad entry sends none of them.
+    let r = c.cmd(
+        json!({"execute": "input-send-event", "arguments": {"events": [
+        {"type": "key", "data": {"down": true, "key": {"type": "qcode", "data": "b"}}},
+        {"type": "key", "data": {"down": true, "key": {"type": "qcode", "data": "??"}}}]}}),
+    );
+    assert_eq!(class(&r), "GenericError");
+    assert_eq!(b.kbd.pending(), 0);
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["running"],
+        true
+    );
+}
+
+#[test]
+fn oversized_input_closes_only_that_client() {
+    let b = bed();
+    let mut c = Client::ready(&b);
+    let mut big = b"{\"execute\": \"query-status\", \"arguments\": {\"pad\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', (1 << 20) + 10));
+    let _ = c.w.write_all(&big);
+    let r = c.read().expect("an error before the close");
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("too large"),
+        "{r}"
+    );
+    assert!(c.read().is_none(), "closed");
+    let mut d = Client::ready(&b);
+    assert_eq!(
+        d.cmd(json!({"execute": "query-status"}))["return"]["running"],
+        true
+    );
+}
+
+#[test]
+fn a_client_leaving_mid_command_and_two_clients_at_once() {
+    let b = bed();
+    {
+        let mut c = Client::ready(&b);
+        c.send(b"{\"execute\": \"query-u");
+    }
+    let mut one = Client::ready(&b);
+    let mut two = Client::ready(&b);
+    for _ in 0..3 {
+        assert_eq!(
+            one.cmd(json!({"execute": "query-usb"}))["return"]["controller"],
+            "uhci"
+        );
+        assert_eq!(
+            two.cmd(json!({"execute": "query-status"}))["return"]["running"],
+            true
+        );
+    }
+    // Pipelined commands come back in order.
+    one.send(
+        b"{\"execute\": \"query-status\", \"id\": 1}{\"execute\": \"query-usb\", \"id\": 2}\r\n",
+    );
+    assert_eq!(one.read().unwrap()["id"], 1);
+    assert_eq!(one.read().unwrap()["id"], 2);
+}
+
+#[test]
+fn too_many_clients_and_quit() {
+    let b = bed();
+    let mut held: Vec<Client> = (0..MAX_CLIENTS).map(|_| Client::ready(&b)).collect();
+    let s = UnixStream::connect(&b.path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains("too many clients"), "{line}");
+    let c = held.last_mut().unwrap();
+    assert_eq!(c.cmd(json!({"execute": "quit"})), json!({"return": {}}));
+    assert!(c.read().is_none(), "the session ends after quit");
+    assert!(b.quit.load(Ordering::Relaxed));
+    // The socket is owner-only and goes away with the server.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&b.path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let path = b.path.clone();
+    drop(held);
+    drop(b);
+    assert!(!path.exists());
+}
+
+#[test]
+fn capture_start_and_stop_by_device_index_with_every_field_checked() {
+    let b = bed();
+    let mut c = Client::ready(&b);
+    let file = b.path.with_file_name("kbd.pcap");
+    let f = file.to_str().unwrap();
+    let err = |v: Value| v["error"]["desc"].as_str().unwrap_or("").to_string();
+    // Refused: no such device, no file, a relative path, a bad snaplen,
+    // an unknown member, stop without a capture.
+    let e = c.cmd(json!({"execute": "capture-start", "arguments": {"device": 7, "file": f}}));
+    assert_eq!(e["error"]["class"], "DeviceNotFound", "{e}");
+    assert!(
+        err(c.cmd(json!({"execute": "capture-start", "arguments": {"device": 0}})))
+            .contains("'file'")
+    );
+    assert!(err(
+        c.cmd(json!({"execute": "capture-start", "arguments": {"device": 0, "file": "x.pcap"}}))
+    )
+    .contains("absolute"));
+    assert!(err(c.cmd(
+        json!({"execute": "capture-start", "arguments": {"device": 0, "file": f, "snaplen": -1}})
+    ))
+    .contains("'snaplen'"));
+    assert!(err(c.cmd(
+        json!({"execute": "capture-start", "arguments": {"device": 0, "file": f, "bogus": 1}})
+    ))
+    .contains("'bogus'"));
+    assert!(
+        err(c.cmd(json!({"execute": "capture-stop", "arguments": {"device": 0}})))
+            .contains("no capture")
+    );
+    assert!(err(c.cmd(
+        json!({"execute": "capture-start", "arguments": {"device": 0, "file": "/nonexistent-dir/k.pcap"}})
+    ))
+    .contains("/nonexistent-dir/k.pcap"));
+    assert!(!file.exists());
+    // Started: the file has its pcap header; stopped: counters.
+    let r = c.cmd(
+        json!({"execute": "capture-start", "arguments": {"device": 0, "file": f, "snaplen": 64}}),
+    );
+    assert_eq!(r, json!({"return": {"file": f}}));
+    let head = std::fs::read(&file).unwrap_or_default();
+    let r = c.cmd(json!({"execute": "capture-stop", "arguments": {"device": 0}}));
+    assert_eq!(r["return"]["file"], f, "{r}");
+    assert_eq!(r["return"]["dropped"], 0, "{r}");
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() >= 24 && head.len() <= bytes.len());
+    assert_eq!(&bytes[20..24], &220u32.to_le_bytes(), "usbmon link type");
+    assert!(
+        err(c.cmd(json!({"execute": "capture-stop", "arguments": {"device": 0}})))
+            .contains("no capture")
+    );
+}
