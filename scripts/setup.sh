@@ -16,9 +16,18 @@ command -v depmod >/dev/null || need_apt+=(kmod)
 command -v xz >/dev/null || need_apt+=(xz-utils)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v patchelf >/dev/null || need_apt+=(patchelf)
+# The firmware matrix assembles its stick's MBR (tests/firmware/images.sh).
+command -v as >/dev/null || need_apt+=(binutils)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# The guest matrix reads the stick's USB capture back with Wireshark's
+# dissectors (tests/guest/capture-check.py).
+command -v tshark >/dev/null || need_apt+=(tshark)
+# The Debian package and its test (scripts/package.sh, tests/package):
+# cargo-deb's dependency detection, and the unit check.
+command -v dpkg-shlibdeps >/dev/null || need_apt+=(dpkg-dev)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -q
@@ -32,4 +41,6 @@ if command -v rustup >/dev/null; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
 cargo fetch --locked -q 2>/dev/null || cargo fetch -q
+# cargo-deb builds the Debian package (scripts/package.sh).
+command -v cargo-deb >/dev/null || cargo install -q --locked cargo-deb
 echo "setup: ok"

@@ -32,7 +32,7 @@ ln -sf /bin/busybox "$R/sbin/modprobe"
 M=$KDIR/lib/modules/$VER
 D=$R/lib/modules/$VER
 mkdir -p "$D/kernel"
-for sub in block drivers/usb drivers/scsi fs/ext4 fs/jbd2 fs/mbcache.ko fs/mbcache.ko.xz lib crypto arch/x86/crypto ${EXTRA_MODULES:-}; do
+for sub in block drivers/usb drivers/hid drivers/scsi fs/ext4 fs/jbd2 fs/mbcache.ko fs/mbcache.ko.xz lib crypto arch/x86/crypto ${EXTRA_MODULES:-}; do
   [ -e "$M/kernel/$sub" ] || continue
   mkdir -p "$D/kernel/$(dirname "$sub")"
   cp -r "$M/kernel/$sub" "$D/kernel/$(dirname "$sub")/"

@@ -2,9 +2,12 @@
 # The guest matrix: for each kernel (Debian 12's 6.1 and trixie's 6.12),
 # boot a stock kernel whose xhci_hcd + usb-storage drive our controller
 # over vfio-user, run the storage checks, then verify on the host that the
-# image file holds exactly what the guest wrote; the same with the stick
+# image file holds exactly what the guest wrote, and the stick's USB capture
+# read back with tshark matches what the guest did; the same with the stick
 # also offering UAS (the guest's uas driver over our xHCI's bulk streams);
-# then a read-only stick.
+# the same checks through our EHCI (ehci_hcd) with a high-speed stick (BOT,
+# then UAS without streams) and with a full-speed stick behind its hub; through our UHCI (uhci_hcd) with
+# a full-speed stick; then a read-only stick.
 # Guest boots run one at a time.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -37,6 +40,14 @@ rw_run() {
   fi
   stop_dm
   grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K $label] /" || true
+  # The stick's USB capture (CAPTURE=FILE), read back with tshark: every
+  # URB completed, every CBW answered, data lengths and the READ/WRITE
+  # bytes equal to what the guest's block layer counted.
+  if [ -n "${CAPTURE:-}" ]; then
+    python3 "$HERE/capture-check.py" "$CAPTURE" "$W/guest.log" "$K $label" > "$W/capture.txt" || { st=FAIL; fail=1; }
+    cat "$W/capture.txt"; count "$W/capture.txt"
+    rm -f "$CAPTURE"
+  fi
   # Host-side check: the image holds the guest's data (nothing lost).
   read -r _ off len sum < <(grep '^HOSTCHECK' "$W/guest.log" || echo "HOSTCHECK 0 0 none")
   got=$(dd if="$W/stick.img" bs=1M skip=$((off >> 20)) count=$((len >> 20)) 2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -47,10 +58,59 @@ rw_run() {
   [ $st = PASS ] || { tail -40 "$W/guest.log"; tail -20 "$W/dm.log"; }
 }
 
+# hid_run K W HC: our keyboard and tablet on controller HC; the guest's
+# usbhid binds them and the key, position and button events injected
+# through the control socket arrive in their evdev nodes exactly
+# (tests/guest/hid-checks.sh).
+hid_run() {
+  local K=$1 W=$2 hc=$3 st; local label=hid-$hc
+  rm -f "$W/stick.img"; truncate -s $STICK "$W/stick.img"
+  HC=$hc NOSTICK=true KBD=true TABLET=true CONTROL=$W/ctl.sock start_dm "$DM" "$W" false "$W/dm.log"
+  local t=$(date +%s)
+  rm -f "$W/guest.log"
+  GUEST_SCRIPT=$HERE/hid-checks.sh EXTRA_MODULES=drivers/input APPEND="hc=$hc" \
+    "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(vfio_dev "$W")" &
+  local boot=$! sent=0
+  while kill -0 $boot 2>/dev/null; do
+    if [ $sent = 0 ] && grep -q HID-READY "$W/guest.log" 2>/dev/null; then
+      sent=1
+      ev() { echo '{"type":"key","data":{"down":'"$2"',"key":{"type":"qcode","data":"'"$1"'"}}}'; }
+      python3 "$ROOT/tests/passthrough/qmp.py" "$W/ctl.sock" \
+        '{"execute":"input-send-event","arguments":{"events":['"$(ev a true),$(ev a false),$(ev shift true),$(ev b true),$(ev b false),$(ev shift false)"']}}' \
+        > /dev/null || echo "  [$K $label] control socket: input-send-event (keys) failed"
+      python3 "$ROOT/tests/passthrough/qmp.py" "$W/ctl.sock" \
+        '{"execute":"input-send-event","arguments":{"events":[{"type":"abs","data":{"axis":"x","value":16384}},{"type":"abs","data":{"axis":"y","value":8192}},{"type":"btn","data":{"down":true,"button":"left"}}]}}' \
+        > /dev/null || echo "  [$K $label] control socket: input-send-event (tablet) failed"
+      python3 "$ROOT/tests/passthrough/qmp.py" "$W/ctl.sock" \
+        '{"execute":"input-send-event","arguments":{"events":[{"type":"btn","data":{"down":false,"button":"left"}}]}}' \
+        > /dev/null || echo "  [$K $label] control socket: input-send-event (release) failed"
+    fi
+    sleep 0.2
+  done
+  if wait $boot; then st=PASS; else st=FAIL; fail=1; fi
+  stop_dm
+  grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K $label] /" || true
+  count "$W/guest.log"
+  echo "matrix: $K $label: $st ($(( $(date +%s) - t )) s)"
+  [ $st = PASS ] || { tail -30 "$W/guest.log"; tail -20 "$W/dm.log"; }
+}
+
 for K in $KERNELS; do
   W=$(mktemp -d)
-  rw_run "$K" "$W" read-write
+  # (this one with a capture of the stick: usbmon pcap, checked with tshark)
+  CAPTURE=$W/usb.pcap rw_run "$K" "$W" read-write
   UAS=true rw_run "$K" "$W" uas stick_proto=uas
+  # The EHCI: a high-speed stick on a root port, and (one kernel each) a
+  # full-speed stick behind the built-in hub (split transactions).
+  HC=ehci rw_run "$K" "$W" ehci hc=ehci
+  # The same stick offering UAS at high speed: the guest's uas driver
+  # without streams (Read/Write Ready IUs).
+  HC=ehci UAS=true rw_run "$K" "$W" ehci-uas hc=ehci stick_proto=uas
+  HC=ehci SPEED=full rw_run "$K" "$W" ehci-full hc=ehci
+  # The UHCI (uhci_hcd, INTx): a full-speed stick, 16 MiB O_DIRECT.
+  HC=uhci rw_run "$K" "$W" uhci hc=uhci check_mib=16
+  # Our keyboard with keys from the control socket, on each controller.
+  for hc in xhci ehci uhci; do hid_run "$K" "$W" $hc; done
 
   # Read-only stick with known contents.
   dd if=/dev/urandom of="$W/stick.img" bs=1M count=4 conv=notrunc 2>/dev/null

@@ -17,6 +17,17 @@
 #           that script runs `xen-usb-dm --wrap QEMU_XEN -- "$@"`, so libxl
 #           itself starts (and stops) xen-usb-dm with the guest (plain
 #           `xl create`); its log is libxl's device-model log.
+#   restrict  as wrap, the guest's cfg has dm_restrict=1 and xen-usb-dm's
+#           configuration no uid/chroot of its own (it takes on QEMU's);
+#           checks what libxl passed (dm-args.txt) and the service
+#           process's uid, root and RLIMIT_FSIZE.
+#   xl      as wrap, xen-usb-dm's configuration has no controller and no
+#           device; the guest's cfg gets usbdev = the outer QEMU's stick
+#           (dom0's host USB device 46f4:0001 XTBSTICK); while the guest
+#           runs, dom0 checks `xl usb-list`, runs `xl usbdev-detach` when
+#           the guest says XL-WAIT-DETACH and `xl usbdev-attach` when it
+#           says XL-WAIT-ATTACH.
+#   xlref   the xl mode with libxl's own QEMU (no override, no xen-usb-dm).
 # Each waits for the guest to power off, checks what the guest wrote
 # against the image, and leaves RESULT/TIMING lines in run/MODE/results.txt,
 # the guest's logs in run/MODE/guest-{console,serial}.log and xen-usb-dm's
@@ -31,6 +42,7 @@
 # run/heartbeat every ~5 s, so run.sh can tell a stuck guest (dom0 alive)
 # from a frozen boot, and a stuck wait (the share stands still) too.
 set -euo pipefail
+shopt -s extglob
 TOP=/mnt/share/run
 . "$TOP/params.env"
 # Time without forking: dom0's processes have been seen to segfault now
@@ -65,6 +77,64 @@ dom_exists() {
 # guest_cpu DOMID: the guest's CPU seconds so far ("" if xl cannot say).
 guest_cpu() { timeout -k 2 10 xl list "$1" 2>/dev/null | awk 'NR == 2 {print $6}'; }
 
+# dm_restrict=1 needs a user for QEMU: with xen-qemuuser-range-base, libxl
+# runs the domain's QEMU as uid BASE + domid and kills that uid's
+# processes on destroy (xen-usb-dm's service process, which takes on
+# QEMU's user, included). The image leaves it out; dom0's root is a
+# throw-away overlay, so it is added at every boot.
+if ! grep -q '^xen-qemuuser-range-base:' /etc/passwd; then
+  echo 'xen-qemuuser-range-base:x:131072:131072::/nonexistent:/usr/sbin/nologin' >> /etc/passwd
+  echo 'xen-qemuuser-range-base:x:131072:' >> /etc/group
+fi
+# DIAG (XTB_DIAG, any value): dom0's kernel log as it happens, on the
+# share (a boot that hangs keeps it), and dom0 alive, independent of the
+# wait loop's heartbeat (outside run/, so run.sh's hang detection does not
+# see it), with its processes' states. Not by default: with these two
+# writing to the share beside the wait loop, 4.20's default modes hung in
+# 3 boots of 3 (the wait loop and these stopped; 2026-12-02).
+dmesg_pid="" alive_pid=""
+if [ -n "${DIAG:-}" ]; then
+  dmesg -w > "$TOP/dom0-dmesg-live.log" 2>&1 &
+  dmesg_pid=$!
+  ( while sleep 5; do
+      { echo "$(up) $(tail -1 "$TOP/dom0-run.log" 2>/dev/null)"
+        timeout -k 2 10 ps -eo pid,ppid,stat,wchan:24,etime,args 2>&1 | grep -vE ' \[[^]]*\]$'
+      } > /mnt/share/dom0-alive.tmp; mv /mnt/share/dom0-alive.tmp /mnt/share/dom0-alive
+    done ) &
+  alive_pid=$!
+fi
+# Host USB: the outer QEMU's xHCI with a USB stick (46f4:0001, serial
+# XTBSTICK). No udev in dom0: load the controller's driver by hand; not
+# usb-storage, so that no dom0 driver holds the stick that the xl modes
+# pass through (usbcore gives /dev/bus/usb through devtmpfs).
+# find_ostick: sets OSTICK_BUS/OSTICK_ADDR (empty if not there) and
+# OSTICK_DESC; the address changes when the device is re-enumerated (QEMU's
+# usb-host resets it when it lets it go).
+find_ostick() {
+  local u dev
+  OSTICK_BUS="" OSTICK_ADDR="" OSTICK_DESC=""
+  for u in /sys/bus/usb/devices/*; do
+    [ "$(cat "$u/idVendor" 2>/dev/null)" = 46f4 ] || continue
+    [ "$(cat "$u/serial" 2>/dev/null)" = XTBSTICK ] || continue
+    OSTICK_BUS=$(cat "$u/busnum") OSTICK_ADDR=$(cat "$u/devnum")
+    dev=/dev/bus/usb/$(printf %03d/%03d "$OSTICK_BUS" "$OSTICK_ADDR")
+    OSTICK_DESC="$(cat "$u/idVendor"):$(cat "$u/idProduct") XTBSTICK at ${u##*/}, bus $OSTICK_BUS addr $OSTICK_ADDR, speed $(cat "$u/speed"), $dev $([ -c "$dev" ] && echo present || echo missing)"
+    return 0
+  done
+  return 1
+}
+t=$(up)
+case ${OUTER_USB:-none} in
+  none) ;;
+  xhci) modprobe xhci_pci ;;
+  xhci-intx) modprobe xhci_hcd quirks=0x40 && modprobe xhci_pci ;;
+  ehci) modprobe ehci_pci ;;
+esac 2>&1 || echo "dom0 usb: loading the driver for the outer $OUTER_USB failed"
+[ "${OUTER_USB:-none}" = none ] || for _ in $(seq 100); do find_ostick && break; sleep 0.2; done
+if [ "${OUTER_USB:-none}" = none ]; then :
+elif [ -n "$OSTICK_BUS" ]; then echo "dom0 usb: $OSTICK_DESC; found $(up) s (modprobe at $t s)"
+else echo "dom0 usb: no 46f4 device in /sys/bus/usb/devices ($(ls /sys/bus/usb/devices 2>&1 | tr '\n' ' '))"; fi
+
 # run_mode MODE: one guest; runs in a subshell (its `exit` ends the mode).
 run_mode() {
   local mode=$1
@@ -81,10 +151,11 @@ run_mode() {
     cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
     cp "$SERIAL" "$R/guest-serial.log" 2>/dev/null || true
     cp "$QEMU_LOG" "$R/qemu-dm.log" 2>/dev/null || true
+    cp "/var/log/xen/qemu-probe-$NAME.log" "$R/qemu-probe.log" 2>/dev/null || true
     xl dmesg > "$R/xen-dmesg.log" 2>&1 || true
     # (the copies of libxl's logs must not be read again by the next guest
     # of this mode, nor its console)
-    rm -f "$CONSOLE" "$SERIAL" "$QEMU_LOG"
+    rm -f "$CONSOLE" "$SERIAL" "$QEMU_LOG" "/var/log/xen/qemu-probe-$NAME.log"
     touch "$R/done"
   }
   trap finish EXIT
@@ -104,66 +175,214 @@ run_mode() {
   }
   echo "=== mode $mode ($NAME), dom0 uptime $(up) s"
 
-  # The stick's image stays on the 9p share (default): 9p's zero-copy path
-  # cannot pin privcmd-mapped guest pages, so this also exercises
-  # xen-usb-dm's fallback to a bounce buffer. STICK_ON_SHARE=0 serves it
-  # from dom0's tmpfs instead (copied back to the share at the end).
-  if [ "$STICK_ON_SHARE" = 1 ]; then STICK=$R/stick.img
-  else STICK=/tmp/stick-$mode.img; cp "$R/stick.img" "$STICK"; fi
+  # The stick's image on the 9p share (STICK_ON_SHARE: 1 for every mode,
+  # 0 for none, else the modes named; default beside): 9p's zero-copy path
+  # cannot pin privcmd-mapped guest pages, so this exercises xen-usb-dm's
+  # fallback to a bounce buffer. The other modes serve it from dom0's
+  # tmpfs (copied back to the share at the end): heavy 9p traffic beside
+  # the wait loop's own writes to the share is when the loop was seen to
+  # stop for good (README).
+  case " $STICK_ON_SHARE " in
+    " 1 "|*" $mode "*) STICK=$R/stick.img ;;
+    *) STICK=/tmp/stick-$mode.img; cp "$R/stick.img" "$STICK" ;;
+  esac
 
   # write_toml [DOMID]: xen-usb-dm's configuration. Deprivileged as a real
   # deployment would run it: once set up, its Xen descriptors are
   # restricted to the guest, it runs as nobody, chrooted in an empty
   # directory. The domain is DOMID (beside) or libxl's -xen-domid (wrap).
+  # restrict: no restrict/uid/gid/chroot of its own: under dm_restrict it
+  # takes on QEMU's (-xen-domid-restrict, -run-with user=,chroot=).
+  # xl: no controller, no device, no PCI slot: libxl's usbctrl/usbdev
+  # (QMP device_add) make them (XL_DEPRIV=0: not deprivileged either, for
+  # a device model that must open /dev/bus/usb after set-up).
   write_toml() {
     mkdir -p /run/xen-usb-dm-empty
-    { echo '[controller]'
-      echo 'model = "xhci"'
+    { if [ "$mode" != xl ]; then
+        echo '[controller]'
+        case $mode in ehci|uhci) echo "model = \"$mode\"" ;; *) echo 'model = "xhci"' ;; esac
+      fi
       echo '[transport]'
       echo 'kind = "xen"'
       [ -z "${1:-}" ] || echo "domid = $1"
-      echo "pci = \"$PCI\""
-      echo 'restrict = true'
-      echo 'uid = 65534'
-      echo 'gid = 65534'
-      echo 'chroot = "/run/xen-usb-dm-empty"'
-      echo '[[device]]'
-      echo 'kind = "storage"'
-      echo "image = \"$STICK\""
-      echo 'speed = "high"'
+      [ "$mode" = xl ] || echo "pci = \"$PCI\""
+      if [ "$mode" != restrict ] && { [ "$mode" != xl ] || [ "${XL_DEPRIV:-1}" = 1 ]; }; then
+        echo 'restrict = true'
+        echo 'uid = 65534'
+        echo 'gid = 65534'
+        echo 'chroot = "/run/xen-usb-dm-empty"'
+      elif [ "$mode" = xl ]; then
+        # Xen descriptors restricted to the guest; no uid/chroot, so host
+        # devices can still be opened for xl usbdev-attach at run time.
+        echo 'restrict = true'
+      fi
+      if [ "$mode" != xl ]; then
+        echo '[[device]]'
+        echo 'kind = "storage"'
+        echo "image = \"$STICK\""
+        [ "$mode" = uhci ] && echo 'speed = "full"' || echo 'speed = "high"'
+      fi
     } > "$R/xen-dm.toml"
   }
 
-  if [ "$mode" = wrap ]; then
-    [ "$DM" != none ] || { result wrap FAIL "wrap mode needs a device model"; exit 0; }
+  # xl modes: `xl usb-list` into run/MODE/usb-list-NAME.txt; checks that
+  # controller 0 is there (devicemodel, version 3, 4 ports) and port 1
+  # holds the stick (want=attached) or nothing (want=empty).
+  # same DIGITS N: whether xl's zero-padded DIGITS are N (in decimal or hex)
+  same() { local d=${1##+(0)}; d=${d:-0}; [ "$d" = "$2" ] || [ "$d" = "$(printf %x "$2")" ]; }
+  usb_list() {
+    local name=$1 want=$2 f=$R/usb-list-$1.txt line bus dev
+    # xl itself was seen to die of SIGSEGV here under the nested TCG (exit
+    # 139; other dom0 tools do too, see README): a killed xl is asked
+    # again, up to three times; any other exit status counts.
+    local try rc
+    for try in 1 2 3; do
+      rc=0; timeout -k 2 30 xl usb-list "$domid" > "$f" 2>&1 || rc=$?
+      [ "$rc" -gt 128 ] && [ "$rc" != 137 ] || break
+      echo "dom0: xl usb-list killed by signal $((rc - 128)) (try $try)"
+    done
+    [ "$rc" = 0 ] || echo "(exit $rc)" >> "$f"
+    # (every helper bounded: a dom0 process was seen to hang right here,
+    # twice, with the guest's USB device passed through by QEMU)
+    if ! timeout -k 2 10 awk '$1 == "0" && $2 == "devicemodel" {f = 1} END {exit !f}' "$f"; then
+      result "usb_list_$name" FAIL "no devicemodel controller 0: $(timeout -k 2 10 tr '\n' '|' < "$f")"; return
+    fi
+    line=$(timeout -k 2 10 grep -m1 -E '^ *Port 1:' "$f")
+    bus=${line#*Bus } dev=${line#*Device }
+    [ "$bus" != "$line" ] || bus=""; [ "$dev" != "$line" ] || dev=""
+    bus=${bus%% *} dev=${dev%% *}
+    if [ "$want" = empty ]; then
+      [ -z "$bus" ] && result "usb_list_$name" PASS "port 1 empty" \
+        || result "usb_list_$name" FAIL "port 1: ${line# *}"
+    elif [ -n "$bus" ] && same "$bus" "$OSTICK_BUS" && same "$dev" "$OSTICK_ADDR"; then
+      result "usb_list_$name" PASS "${line# *}"
+    else
+      result "usb_list_$name" FAIL "port 1: '${line# *}', want bus $OSTICK_BUS addr $OSTICK_ADDR"
+    fi
+  }
+  # xl_step: the xl modes' part of the wait for the guest (each poll).
+  xl_state=""
+  xl_step() {
+    local rc
+    case $xl_state in
+      wait-detach)
+        timeout -k 2 10 grep -q '^XL-WAIT-DETACH' "$CONSOLE" 2>/dev/null || return 0
+        timeout -k 2 10 cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
+        usb_list attached attached
+        rc=0; timeout -k 2 60 xl usbdev-detach "$domid" 0 1 > "$R/xl-usbdev-detach.log" 2>&1 || rc=$?
+        [ "$rc" = 0 ] && result xl_usbdev_detach PASS "xl usbdev-detach $domid 0 1" \
+          || result xl_usbdev_detach FAIL "exit $rc: $(tail -1 "$R/xl-usbdev-detach.log")"
+        usb_list detached empty
+        xl_state=wait-attach ;;
+      wait-attach)
+        timeout -k 2 10 grep -q '^XL-WAIT-ATTACH' "$CONSOLE" 2>/dev/null || return 0
+        timeout -k 2 10 cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
+        # (where the stick is now: it may have been re-enumerated)
+        local was="$OSTICK_BUS/$OSTICK_ADDR"
+        find_ostick || true
+        result ostick_after_detach INFO "${OSTICK_DESC:-gone from dom0} (was bus/addr $was)"
+        # (one option per argument: xl usbdev-attach does not split on
+        # commas, unlike xl.cfg's usbdev list)
+        rc=0; timeout -k 2 60 xl usbdev-attach "$domid" "hostbus=$OSTICK_BUS" "hostaddr=$OSTICK_ADDR" \
+          > "$R/xl-usbdev-attach.log" 2>&1 || rc=$?
+        [ "$rc" = 0 ] && result xl_usbdev_attach PASS "xl usbdev-attach $domid hostbus=$OSTICK_BUS hostaddr=$OSTICK_ADDR" \
+          || result xl_usbdev_attach FAIL "exit $rc: $(tail -1 "$R/xl-usbdev-attach.log")"
+        usb_list reattached attached
+        xl_state=done ;;
+    esac
+  }
+
+  # wrapped: libxl starts xen-usb-dm (device_model_override); stock: libxl
+  # starts its own QEMU (xlref).
+  wrapped="" stock=""
+  # (restrictref: restrict with libxl's own QEMU, the reference for
+  # libxl's dm_restrict on its own; its guest finds no xHCI)
+  case $mode in wrap|restrict|xl) wrapped=1 ;; *ref) stock=1 ;; esac
+  case $mode in xl|xlref)
+    # (looked up again: a retried guest finds it where the last one left it)
+    for _ in $(seq 25); do find_ostick && break; sleep 0.2; done
+    if [ -z "$OSTICK_BUS" ]; then result ostick FAIL "dom0 sees no 46f4 USB device"; exit 0; fi
+    result ostick PASS "bus $OSTICK_BUS addr $OSTICK_ADDR"
+    echo "usbdev = [ \"hostbus=$OSTICK_BUS,hostaddr=$OSTICK_ADDR,controller=0,port=1\" ]" >> "$R/guest.cfg"
+    xl_state=wait-detach ;;
+  esac
+
+  if [ -n "$wrapped$stock" ]; then
+    [ -n "$stock" ] || [ "$DM" != none ] || { result wrap FAIL "$mode mode needs a device model"; exit 0; }
     rm -f "$QEMU_LOG"
-    write_toml
-    # The script libxl runs instead of QEMU (named in guest.cfg), as in
-    # the README. Its name must not contain "xen-usb-dm" (dm_procs).
-    cat > "$R/dm-wrap" <<WRAP
+    if [ -n "$wrapped" ]; then
+      write_toml
+      # The script libxl runs instead of QEMU (named in guest.cfg), as in
+      # the README. Its name must not contain "xen-usb-dm" (dm_procs). It
+      # notes its arguments and limits (libxl's probe too) in dm-args.txt.
+      # DIAG=strace (XTB_DIAG, with the host's strace in the share's diag/):
+      # the device model runs under strace -f, which notes its processes'
+      # exits, signals and set-id calls in run/MODE/strace.txt.
+      pre=""
+      if [ "${DIAG:-}" = strace ] && [ -x /mnt/share/diag/strace ]; then
+        pre="env LD_LIBRARY_PATH=/mnt/share/diag /mnt/share/diag/strace -E LD_LIBRARY_PATH -f -qq -tt -y -e trace=exit_group,chroot,setuid,setgid,setresuid,setgroups,unlink,unlinkat,kill,tgkill,shutdown,openat,ftruncate,fallocate,pwrite64,pwritev,memfd_create -e signal=all -o $R/strace.txt"
+      fi
+      cat > "$R/dm-wrap" <<WRAP
 #!/bin/sh
+{ echo "args: \$*"; grep -E '^Max (file size|locked memory)' /proc/self/limits; } >> $R/dm-args.txt 2>&1
 export XEN_USB_DM_LOG=$DM_LOG NO_COLOR=1
-exec $DM --config $R/xen-dm.toml --wrap $QEMU_XEN -- "\$@"
+exec $pre $DM --config $R/xen-dm.toml --wrap $QEMU_XEN -- "\$@"
 WRAP
-    chmod +x "$R/dm-wrap"
+      chmod +x "$R/dm-wrap"
+    fi
     # libxl runs the probe, then the real start (our server is set up
     # before QEMU is exec'd, so before libxl unpauses the guest).
     tick; t_unpause=$NOW
-    if ! xl create "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
-      result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
+    # (-vvv: libxl's debug lines, the device model's arguments among them)
+    if ! xl -vvv create "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
+      result xl_create FAIL "$(grep -E 'error' "$R/xl-create.log" | grep -v 'probe already exited' | head -1)"
       cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
+      # (libxl leaves a domain whose device model failed, dying or not)
+      xl list > "$R/xl-list-after-fail.log" 2>&1 || true
+      xl destroy "$NAME" > /dev/null 2>&1 || true
       exit 0
     fi
     domid=$(xl domid "$NAME")
     result xl_create PASS "domid $domid, created and unpaused after $(since "$t_unpause") s"
-    # The device-model log holds our lines and QEMU's.
-    if grep -q 'xen-usb-dm: ready' "$QEMU_LOG"; then
-      result dm_start PASS "$(grep -o 'ready:.*' "$QEMU_LOG" | head -1)"
-    else
-      result dm_start FAIL "no 'ready' line in $QEMU_LOG"
+    if [ -n "$wrapped" ]; then
+      # The device-model log holds our lines and QEMU's.
+      if grep -q 'xen-usb-dm: ready' "$QEMU_LOG"; then
+        result dm_start PASS "$(grep -o 'ready:.*' "$QEMU_LOG" | head -1)"
+      else
+        result dm_start FAIL "no 'ready' line in $QEMU_LOG"
+      fi
+      svc=$(dm_procs)
+      [ -n "$svc" ] && result dm_service PASS "pid ${svc//$'\n'/ }" \
+        || result dm_service FAIL "no xen-usb-dm process while the guest runs"
     fi
-    [ -n "$(dm_procs)" ] && result dm_service PASS "pid $(dm_procs | tr '\n' ' ')" \
-      || result dm_service FAIL "no xen-usb-dm process while the guest runs"
+    if [ "$mode" = restrict ]; then
+      # What libxl asked of its device model under dm_restrict, as the
+      # wrapper script saw it (the real start: the line with -xen-domid).
+      a=$(grep -- '-xen-domid ' "$R/dm-args.txt" | tail -1)
+      lim=$(grep -A2 -- '-xen-domid ' "$R/dm-args.txt" | grep 'file size' | tail -1)
+      miss=""
+      case $a in *-xen-domid-restrict*) ;; *) miss="$miss -xen-domid-restrict" ;; esac
+      case $a in *"id=libxl-cmd,fd="*) ;; *) miss="$miss libxl-cmd,fd=" ;; esac
+      case $a in *"-run-with user="*|*"-runas "*) ;; *) miss="$miss user" ;; esac
+      case $a in *"chroot="*|*"-chroot "*) ;; *) miss="$miss chroot" ;; esac
+      case $lim in *" 262144 "*) ;; *) miss="$miss RLIMIT_FSIZE=262144" ;; esac
+      [ -z "$miss" ] && result dm_restrict_args PASS "$(echo "$a" | grep -oE -- '-xen-domid-restrict|id=libxl-cmd,fd=[0-9]+|-run-with [^ ]+|-runas [^ ]+|-chroot [^ ]+' | tr '\n' ' ')file size $(echo "$lim" | awk '{print $4}')" \
+        || result dm_restrict_args FAIL "missing:$miss (dm-args.txt)"
+      # The service process: QEMU's user and chroot, no file size limit.
+      p=${svc%%$'\n'*}
+      if [ -n "$p" ] && [ -d "/proc/$p" ]; then
+        uid=$(awk '/^Uid:/ {print $2 "/" $3}' "/proc/$p/status")
+        root=$(readlink "/proc/$p/root")
+        fsize=$(awk '/^Max file size/ {print $4}' "/proc/$p/limits")
+        { cat "/proc/$p/status"; cat "/proc/$p/limits"; ls -l "/proc/$p/fd"; } > "$R/service-proc.txt" 2>&1
+        case $uid/$root/$fsize in 1310[0-9][0-9]/*/var/run/xen/qemu-root-*/unlimited|1310[0-9][0-9]/*/run/xen/qemu-root-*/unlimited)
+          result dm_service_confined PASS "uid $uid, root $root, file size $fsize" ;;
+        *) result dm_service_confined FAIL "uid $uid, root $root, file size $fsize" ;;
+        esac
+      else
+        result dm_service_confined FAIL "no service process to look at"
+      fi
+    fi
   else
     if ! xl create -p "$R/guest.cfg" > "$R/xl-create.log" 2>&1; then
       result xl_create FAIL "$(tail -1 "$R/xl-create.log")"
@@ -197,7 +416,7 @@ WRAP
 
   started=""
   # Progress: the guest's CPU time, its console, our log (sampled every 5 s).
-  dmlog=$R/dm.log; [ "$mode" != wrap ] || dmlog=$QEMU_LOG
+  dmlog=$R/dm.log; [ -z "$wrapped$stock" ] || dmlog=$QEMU_LOG
   tick; prog_t=$NOW prog_cpu=0 prog_act="" polls=0
   while dom_exists "$domid"; do
     if [ -z "$started" ] && timeout -k 2 10 grep -q '^GUEST-START' "$CONSOLE" 2>/dev/null; then
@@ -210,6 +429,7 @@ WRAP
       break
     fi
     polls=$((polls + 1))
+    [ -z "$xl_state" ] || xl_step
     # Test hook (XTB_STALL_TEST=1): the first guest is paused 20 s after
     # unpause, which must look like a stalled guest.
     if [ "${STALL_TEST:-0}" = 1 ] && [ ! -f /tmp/stall-test-done ] && older "$t_unpause" 20; then
@@ -220,6 +440,8 @@ WRAP
       # stuck (it did, twice, in 4.20's wrap mode; the cause is not found
       # yet), run.sh sees the share stand still and retries the boot.
       echo "$NOW" > "$TOP/heartbeat"
+      # (xl modes: the guest's console so far, kept should the boot hang)
+      [ -z "$xl_state" ] || timeout -k 2 10 cp "$CONSOLE" "$R/guest-console.log" 2>/dev/null || true
       # (a crashed helper gives "", which counts as progress)
       cpu=$(guest_cpu "$domid"); cpu=${cpu%%.*}
       act=$(timeout -k 2 10 stat -c '%s %Y' "$CONSOLE" "$dmlog" 2>/dev/null | cksum)
@@ -250,7 +472,9 @@ WRAP
       timing dm_exit_s "$(since "$t")"
       [ "$rc" = 0 ] && result dm_exit PASS "exited by itself" || result dm_exit FAIL "exited with $rc"
     fi
-  elif [ "$mode" = wrap ]; then
+  elif [ -n "$stock" ]; then
+    cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
+  elif [ -n "$wrapped" ]; then
     # libxl stops QEMU; the service process must notice the death itself.
     tick; t=$NOW
     while [ -n "$(dm_procs)" ] && ! older "$t" "$DM_EXIT_WAIT"; do sleep 0.2; done
@@ -270,11 +494,23 @@ WRAP
     # Its log is libxl's device-model log (read now that QEMU is gone).
     cp "$QEMU_LOG" "$R/dm.log" 2>/dev/null || true
   fi
-  if [ "$DM" != none ]; then
+  if [ "$DM" != none ] && [ -z "$stock" ] && { [ "$mode" != xl ] || [ "${XL_DEPRIV:-1}" = 1 ]; }; then
     line=$(grep -o 'deprivileged.*' "$R/dm.log" | head -1 || true)
     [ -n "$line" ] && result dm_deprivileged PASS "$line" \
       || result dm_deprivileged FAIL "no 'deprivileged' line in its log"
   fi
+  case $mode in xl)
+    # The device model's xHCI (libxl's device_add nec-usb-xhci) where the
+    # guest found it.
+    at=$(grep -o 'usbctrl xenusb-0: xHCI at [0-9a-f:.]*' "$R/dm.log" | head -1 | awk '{print $NF}')
+    g=$(tr -d '\r' < "$CONSOLE" | sed -n 's/^RESULT xhci PASS \([0-9a-f:.]*\).*/\1/p' | head -1)
+    if [ -n "$at" ] && [ "$at" = "$g" ]; then result dm_usbctrl PASS "xHCI at $at"
+    else result dm_usbctrl FAIL "device model: '${at:-no usbctrl line}', guest: '${g:-no xHCI}'"; fi
+  esac
+  case $mode in xl|xlref)
+    [ "$xl_state" = done ] && result xl_sequence PASS "detached and re-attached" \
+      || result xl_sequence FAIL "stopped at $xl_state"
+  esac
 
   [ "$STICK" = "$R/stick.img" ] || cp "$STICK" "$R/stick.img"
   # dom0's view of the image: does it hold what the guest says it wrote?
@@ -289,14 +525,40 @@ for mode in $MODES; do
   cp "$TOP/$mode/guest.cfg" "/tmp/guest-$mode.cfg"
   size=$(stat -c %s "$TOP/$mode/stick.img")
   for a in $(seq "$GUEST_ATTEMPTS"); do
-    ( run_mode "$mode" ) || echo "mode $mode: exited with $?"
+    rc=0; ( run_mode "$mode" ) || rc=$?
+    [ "$rc" = 0 ] || echo "mode $mode: exited with $rc"
     c=$TOP/$mode/guest-console.log
+    # The mode's shell itself died of a signal (seen: bash aborting with
+    # "execute_command: bad command type", 4.20, in the wait for the
+    # guest: memory corruption of dom0's processes, see README): its guest
+    # and device model may still run. They are stopped, and the mode gets
+    # another guest like a stalled one.
+    if [ "$rc" -gt 128 ] && [ ! -f "$TOP/$mode/attempt-status" ]; then
+      timeout -k 2 30 xl destroy "xtb-$mode" 2>/dev/null || true
+      timeout -k 2 10 pkill -9 -f '[x]en-usb-dm' 2>/dev/null || true
+      cp "/var/log/xen/console/guest-xtb-$mode.log" "$c" 2>/dev/null || true
+      echo "the dom0 script of the mode died (exit $rc)" > "$TOP/$mode/attempt-status"
+    fi
     # A kernel panic before /init (seen: a double fault in kmalloc during
     # ACPI init, an oops in text_poke_early) is the nested set-up's, not
     # ours: that guest counts as stalled too.
     if [ ! -f "$TOP/$mode/attempt-status" ] && grep -q 'Kernel panic' "$c" 2>/dev/null \
        && ! grep -q '^GUEST-START' "$c"; then
       echo "panic before init" > "$TOP/$mode/attempt-status"
+    fi
+    # So is a guest whose /init could not mount its file systems, and one
+    # with a failed check in which a process died of SIGSEGV (busybox sh
+    # says "Segmentation fault"; seen once: the sysfs mount, so the guest
+    # saw no PCI functions). Guest memory corruption by the device model
+    # would look the same, so this gets another guest, never another
+    # boot: the last guest's results stand.
+    if [ ! -f "$TOP/$mode/attempt-status" ] && [ "$a" -lt "$GUEST_ATTEMPTS" ]; then
+      if grep -q '^GUEST-SETUP-FAILED' "$c" 2>/dev/null; then
+        grep -m1 '^GUEST-SETUP-FAILED' "$c" | tr -d '\r' > "$TOP/$mode/attempt-status"
+      elif grep -q 'Segmentation fault' "$c" 2>/dev/null && { grep -q ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null \
+             || grep -q '^RESULT [^ ]* FAIL' "$c" 2>/dev/null; }; then
+        echo "a guest process died of SIGSEGV and a check failed" > "$TOP/$mode/attempt-status"
+      fi
     fi
     [ -f "$TOP/$mode/attempt-status" ] || break
     why=$(cat "$TOP/$mode/attempt-status")
@@ -314,6 +576,7 @@ for mode in $MODES; do
     done > "$TOP/$mode/guest-retries.txt"
   done
 done
+[ -z "$dmesg_pid" ] || kill "$dmesg_pid" "$alive_pid" 2>/dev/null || true
 # dom0's kernel log: the segfaults of dom0 processes show up there.
 dmesg > "$TOP/dom0-dmesg.log" 2>&1 || true
 grep -E 'segfault|trap' "$TOP/dom0-dmesg.log" | head -5 || true

@@ -168,7 +168,7 @@ GUEST_INITRD=$XD/guest-initrd-$KERNEL_VERSION-$k.cpio.gz
 if [ ! -f "$GUEST_INITRD" ]; then
   log "guest initrd"
   BUSYBOX=$BUSYBOX "$HERE/mkinitrd.sh" "$KDIR" "$KERNEL_VERSION" "$GUEST_INITRD.tmp" \
-      "$HERE/guest-init.sh" xhci_pci xhci_hcd usb-storage sd_mod scsi_mod usb_common usbcore
+      "$HERE/guest-init.sh" xhci_pci xhci_hcd ehci_pci ehci_hcd uhci_hcd usb-storage sd_mod scsi_mod usb_common usbcore
   rm -f "$XD"/guest-initrd-*.cpio.gz; mv "$GUEST_INITRD.tmp" "$GUEST_INITRD"
 fi
 

@@ -12,17 +12,46 @@
 #   IRQ before-io|after-io <xhci_hcd's /proc/interrupts line>
 #   KLOG <kernel line>             the kernel's USB, SCSI and sd lines
 #   GUEST-DONE
+#   GUEST-SETUP-FAILED <what>      /proc, /sys or /dev could not be mounted
+#   XL-WAIT-DETACH / XL-WAIT-ATTACH / XL-WAITING <s>   (xl mode) what the
+#                                  guest waits for dom0 to do, and that it
+#                                  is still waiting (every 10 s)
 # Kernel command line: stick_bytes=N (expected size of the stick),
-# irq_model=ERE (what xhci_hcd's /proc/interrupts line must match; _ = blank).
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
+# irq_model=ERE (what xhci_hcd's /proc/interrupts line must match; _ = blank),
+# io_mib=N (MiB written and read back, at 4 MiB; default 1).
+# xtb_mode=xl: the stick is a host device that libxl attached (usbctrl,
+# usbdev); the guest reads ostick_len bytes at ostick_off and compares with
+# ostick_sum, prints XL-WAIT-DETACH and waits for the disk to go (dom0 runs
+# xl usbdev-detach), prints XL-WAIT-ATTACH and waits for it to come back
+# (xl usbdev-attach), and reads it again.
+# Each mount is checked and tried again: under the nested emulation a
+# guest's process now and then dies of SIGSEGV (a CI run lost its sysfs
+# mount that way: "Segmentation fault", then no PCI functions at all).
+# A guest that still lacks one says GUEST-SETUP-FAILED; dom0 retries it.
+mnt() {
+  for try in 1 2 3; do
+    mount -t "$1" "$1" "$2" 2>/dev/null; [ -e "$2/$3" ] && return 0
+  done
+  echo "GUEST-SETUP-FAILED mount $1 $2"; sleep 3; poweroff -f
+}
+mnt proc /proc uptime
+mnt sysfs /sys bus
+mnt devtmpfs /dev null
 mount -t tmpfs tmp /tmp
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 res() { echo "RESULT $1 $2 $3"; }
+# hc=ehci: the controller under test is our EHCI (class 0c0320, ehci_pci,
+# its vectors named ehci_hcd); hc=uhci: our UHCI (class 0c0300, uhci_hcd,
+# an INTx line named uhci_hcd:usbN, registers in I/O space: PIO ioreqs);
+# otherwise the xHCI.
+case $(arg hc) in
+  ehci) HCN=ehci HCCLASS=0x0c0320 HCMOD=ehci_pci HCIRQ='ehci[-_]hcd' ;;
+  uhci) HCN=uhci HCCLASS=0x0c0300 HCMOD=uhci_hcd HCIRQ='uhci[-_]hcd' ;;
+  *) HCN=xhci HCCLASS=0x0c0330 HCMOD=xhci_pci HCIRQ='xhci[-_]hcd' ;;
+esac
 irq_count() {
-  awk '/xhci[-_]hcd/ {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts
+  awk -v re="$HCIRQ" '$0 ~ re {n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n, $i; exit}' /proc/interrupts
 }
 echo "GUEST-START $(ms)"
 
@@ -32,16 +61,16 @@ checks() {
   for d in /sys/bus/pci/devices/*; do
     c=$(cat "$d/class"); b=${d##*/0000:}
     pci="$pci $b=${c#0x}"
-    [ "$c" = 0x0c0330 ] && xhci=$b
+    [ "$c" = $HCCLASS ] && xhci=$b
   done
   echo "PCI$pci"
-  if [ -z "$xhci" ]; then res xhci FAIL "no xHCI function"; return; fi
-  res xhci PASS "$xhci"
+  if [ -z "$xhci" ]; then res $HCN FAIL "no $HCN function"; return; fi
+  res $HCN PASS "$xhci"
 
   t0=$(ms)
-  modprobe xhci_pci; modprobe usb-storage; modprobe sd_mod
-  if [ -e "/sys/bus/pci/devices/0000:$xhci/driver" ]; then res xhci_bound PASS ""
-  else res xhci_bound FAIL "xhci_hcd did not bind"; return; fi
+  modprobe $HCMOD; modprobe usb-storage; modprobe sd_mod
+  if [ -e "/sys/bus/pci/devices/0000:$xhci/driver" ]; then res ${HCN}_bound PASS ""
+  else res ${HCN}_bound FAIL "$HCMOD did not bind"; return; fi
   i=0; while [ ! -b /dev/sda ] && [ $i -lt 900 ]; do usleep 100000; i=$((i + 1)); done
   if [ -b /dev/sda ]; then res sda PASS "$(( $(ms) - t0 ))ms"
   else res sda FAIL "no /dev/sda after 90 s"; return; fi
@@ -51,12 +80,12 @@ checks() {
   # xhci-hcd:usb1, after the hc_driver's description.)
   irqs=$(irq_count)
   [ "${irqs%% *}" -gt 0 ] 2>/dev/null && res irq PASS "$irqs" || { res irq FAIL "no xhci_hcd interrupts"; sed 's/  */ /g; s/^/IRQ all/' /proc/interrupts; }
-  grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g; s/^/IRQ before-io/'
+  grep -E "$HCIRQ" /proc/interrupts | sed 's/  */ /g; s/^/IRQ before-io/'
   # The interrupt model the series and mode must give (irq_model=, an ERE
   # on xhci_hcd's /proc/interrupts line with blanks squeezed, _ for blank).
   want=$(arg irq_model | tr _ ' ')
   if [ -n "$want" ]; then
-    line=$(grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g' | head -1)
+    line=$(grep -E "$HCIRQ" /proc/interrupts | sed 's/  */ /g' | head -1)
     echo "$line" | grep -qE "$want" && res irq_model PASS "$want" || res irq_model FAIL "want /$want/"
   fi
 
@@ -64,33 +93,101 @@ checks() {
   size=$(blockdev --getsize64 /dev/sda)
   [ "$size" = "$want" ] && res size PASS "$size" || res size FAIL "$size, want $want"
 
-  # 1 MiB of random data at 4 MiB, O_DIRECT both ways, page cache dropped.
-  # The idle pauses around each transfer let the host side attribute the
-  # device model's request counts to enumeration, write and read.
-  off=4194304 len=1048576
-  dd if=/dev/urandom of=/tmp/rand bs=64k count=16 2>/dev/null
+  # io_mib MiB (1 unless told) of random data at 4 MiB, O_DIRECT both
+  # ways, page cache dropped. The idle pauses around each transfer let the
+  # host side attribute the device model's request counts to enumeration,
+  # write and read.
+  mib=$(arg io_mib); mib=${mib:-1}
+  off=4194304 len=$((mib * 1048576)) n=$((mib * 16))
+  dd if=/dev/urandom of=/tmp/rand bs=64k count=$n 2>/dev/null
   sum=$(sha256sum < /tmp/rand | cut -d' ' -f1)
   echo 3 > /proc/sys/vm/drop_caches
   sleep 5
   t0=$(ms)
   if dd if=/tmp/rand of=/dev/sda bs=64k seek=64 oflag=direct conv=notrunc 2>/dev/null; then
-    res write PASS "$(( $(ms) - t0 ))ms"
+    res write PASS "$len bytes $(( $(ms) - t0 ))ms"
   else
     res write FAIL "dd to /dev/sda failed"
   fi
   echo 3 > /proc/sys/vm/drop_caches
   sleep 5
   t0=$(ms)
-  got=$(dd if=/dev/sda bs=64k skip=64 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
-  [ "$got" = "$sum" ] && res readback PASS "$(( $(ms) - t0 ))ms" || res readback FAIL "sha256 differs"
+  got=$(dd if=/dev/sda bs=64k skip=64 count=$n iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$sum" ] && res readback PASS "$len bytes $(( $(ms) - t0 ))ms" || res readback FAIL "sha256 differs"
   echo "HOSTCHECK $off $len $sum"
-  grep -E 'xhci[-_]hcd' /proc/interrupts | sed 's/  */ /g; s/^/IRQ after-io/'
+  grep -E "$HCIRQ" /proc/interrupts | sed 's/  */ /g; s/^/IRQ after-io/'
   irqs2=$(irq_count)
   [ "${irqs2%% *}" -gt "${irqs%% *}" ] 2>/dev/null && res irq_rising PASS "${irqs%% *} -> $irqs2" \
     || res irq_rising FAIL "${irqs%% *} -> $irqs2"
   sleep 5
 }
-checks
+# disk: the first SCSI disk, if any.
+disk() { for d in /dev/sd[a-z]; do [ -b "$d" ] && { echo "$d"; return; }; done; }
+# wait_disk gone|there SECONDS: polls every 0.1 s, says XL-WAITING every 10 s
+# (dom0 counts a silent guest as stalled after 45 s).
+wait_disk() {
+  i=0
+  while [ $i -lt $(($2 * 10)) ]; do
+    d=$(disk)
+    if [ "$1" = gone ]; then [ -z "$d" ] && return 0; else [ -n "$d" ] && return 0; fi
+    usleep 100000; i=$((i + 1))
+    [ $((i % 100)) != 0 ] || echo "XL-WAITING $((i / 10))"
+  done
+  return 1
+}
+# usbdev: "vendor:product serial speed busnum-devpath" of the stick (46f4).
+usbdev() {
+  for u in /sys/bus/usb/devices/*; do
+    [ "$(cat "$u/idVendor" 2>/dev/null)" = 46f4 ] || continue
+    echo "$(cat "$u/idVendor"):$(cat "$u/idProduct") $(cat "$u/serial" 2>/dev/null) $(cat "$u/speed")M ${u##*/}"
+    return
+  done
+}
+# xl_read NAME: the stick's region, O_DIRECT, against ostick_sum.
+xl_read() {
+  off=$(arg ostick_off) len=$(arg ostick_len) want=$(arg ostick_sum)
+  t0=$(ms)
+  got=$(dd if="$(disk)" bs=64k skip=$((off / 65536)) count=$((len / 65536)) iflag=direct 2>/dev/null \
+        | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] && res "$1" PASS "$len bytes at $off $(( $(ms) - t0 ))ms" \
+    || res "$1" FAIL "sha256 $got, want $want"
+}
+
+xl_checks() {
+  pci="" xhci=""
+  for d in /sys/bus/pci/devices/*; do
+    c=$(cat "$d/class"); b=${d##*/0000:}
+    pci="$pci $b=${c#0x}"
+    [ "$c" = 0x0c0330 ] && xhci=$b
+  done
+  echo "PCI$pci"
+  if [ -z "$xhci" ]; then res xhci FAIL "no xHCI function"; return; fi
+  res xhci PASS "$xhci"
+  t0=$(ms)
+  modprobe xhci_pci; modprobe usb-storage; modprobe sd_mod
+  if [ -e "/sys/bus/pci/devices/0000:$xhci/driver" ]; then res xhci_bound PASS ""
+  else res xhci_bound FAIL "xhci_hcd did not bind"; return; fi
+  if wait_disk there 90; then res xl_disk PASS "$(disk) $(( $(ms) - t0 ))ms"
+  else res xl_disk FAIL "no disk after 90 s; usb: $(usbdev)"; return; fi
+  u=$(usbdev)
+  case $u in "46f4:0001 XTBSTICK "*) res xl_usbdev PASS "$u" ;; *) res xl_usbdev FAIL "${u:-no 46f4 device}" ;; esac
+  want=$(arg stick_bytes)
+  size=$(blockdev --getsize64 "$(disk)")
+  [ "$size" = "$want" ] && res size PASS "$size" || res size FAIL "$size, want $want"
+  xl_read xl_read
+  # dom0 detaches the device now (xl usbdev-detach), then attaches it again.
+  echo "XL-WAIT-DETACH $(ms)"
+  t0=$(ms)
+  if wait_disk gone 120; then res xl_gone PASS "$(( $(ms) - t0 ))ms; usb: $(usbdev)"
+  else res xl_gone FAIL "$(disk) still there after 120 s"; return; fi
+  echo "XL-WAIT-ATTACH $(ms)"
+  t0=$(ms)
+  if wait_disk there 120; then res xl_back PASS "$(disk) $(( $(ms) - t0 ))ms; usb: $(usbdev)"
+  else res xl_back FAIL "no disk 120 s after the detach; usb: $(usbdev)"; return; fi
+  xl_read xl_reread
+}
+
+if [ "$(arg xtb_mode)" = xl ]; then xl_checks; else checks; fi
 # The kernel's own view (its console shows warnings only: every console
 # write is a hypercall, and under nested emulation those add up).
 dmesg | grep -iE 'xhci|usb|scsi|sd 0|sda' | head -40 | sed 's/^/KLOG /'

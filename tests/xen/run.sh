@@ -12,8 +12,30 @@
 #   wrap    the guest's device_model_override runs DM_BINARY --wrap QEMU,
 #           so libxl starts and stops it with the guest;
 #   intx    as beside, the guest booted with pci=nomsi (xhci_hcd on INTx).
-# Default modes: 4.20 "beside wrap", 4.17 "beside wrap intx"
+#   ehci    as beside, with our EHCI instead of the xHCI (the guest's
+#           ehci_hcd + usb-storage).
+#   uhci    as beside, with our UHCI (uhci_hcd + usb-storage on a
+#           full-speed stick; registers in I/O space: PIO ioreqs; INTx).
+#   restrict  as wrap, with dm_restrict=1 in the guest's xl.cfg (libxl
+#           pre-opens the QMP socket, passes -xen-domid-restrict and QEMU's
+#           user/chroot, limits RLIMIT_FSIZE to 256 KiB); the guest writes
+#           and verifies 4 MiB.
+#   xl      (4.17's defaults) as wrap, but xen-usb-dm's configuration
+#           has no controller and no device: the guest's xl.cfg asks for
+#           them (usbctrl, usbdev = the outer QEMU's USB stick, which dom0
+#           sees as a host device); dom0 then detaches and re-attaches it
+#           with xl usbdev-detach/-attach while the guest watches.
+#   xlref   (not in the defaults) the xl mode with libxl's own QEMU (no
+#           override, no xen-usb-dm): the reference for what stock
+#           qemu-xen does with the same xl.cfg and xl commands.
+#   restrictref  (not in the defaults; a diagnostic) restrict's guest with
+#           libxl's own QEMU: whether libxl's dm_restrict works at all
+#           (the guest finds no xHCI there).
+# Default modes: 4.20 "beside wrap ehci uhci", 4.17 "beside wrap intx restrict xl ehci"
 # (XTB_MODES sets them for every series).
+# With an xl mode the outer QEMU has a USB controller (qemu-xhci) with a
+# 4 MiB stick of random data (usb-storage, serial XTBSTICK, 46f4:0001):
+# dom0's host USB device (XTB_OUTER_USB: auto, xhci, xhci-intx, ehci, none).
 # `none` runs no device model (beside only): the guest then reports that it
 # found no xHCI, which checks the plumbing alone.
 #
@@ -26,11 +48,12 @@
 # Prints every RESULT (named SERIES/MODE/check), the timings, one summary
 # line per mode and "xen: N passed, M failed"; exits non-zero on any failure.
 # Env: XTB_XEN ("4.20 4.17"), XTB_MODES, XTB_ATTEMPTS (3), XTB_GUEST_ATTEMPTS
-# (2), XTB_TIMEOUT (per series, s, 840; 1020 for 4.17), XTB_GUEST_TIMEOUT (guest power-on to
+# (2), XTB_TIMEOUT (per series, s, 840; 1500 for 4.17), XTB_GUEST_TIMEOUT (guest power-on to
 # power-off in dom0, s, 420), XTB_PCI (00:1e.0), XTB_WORK (work directory,
 # default a fresh one under /tmp; one subdirectory per series), KEEP=1 (keep
-# it also on success), XTB_STICK_ON_SHARE (1: serve the stick from the 9p
-# share, the default; 0: from dom0's tmpfs), XTB_GUEST_CMDLINE (guest
+# it also on success), XTB_STICK_ON_SHARE (the modes whose stick is served
+# from the 9p share, default "beside"; 1: all, 0: none; the others' from
+# dom0's tmpfs), XTB_GUEST_CMDLINE (guest
 # console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info),
 # XTB_STALL_TEST=1 (dom0 pauses the first guest after 20 s: checks the
 # in-dom0 retry), XTB_OUTER_QEMU (instead of the host's QEMU 7.2; a stand-in
@@ -44,6 +67,10 @@ GUEST_ATTEMPTS=${XTB_GUEST_ATTEMPTS:-2}
 GUEST_TIMEOUT=${XTB_GUEST_TIMEOUT:-420}
 PCI=${XTB_PCI:-00:1e.0}
 STICK_BYTES=$((16 << 20))
+# The outer QEMU's USB stick: OSTICK_BYTES of random data; the xl modes'
+# guests read OSTICK_LEN bytes at OSTICK_OFF through the passed-through
+# device and compare with the host's sha256.
+OSTICK_BYTES=$((4 << 20)) OSTICK_OFF=$((1 << 20)) OSTICK_LEN=$((256 << 10))
 # Freeze: the outer QEMU used less than FREEZE_CPU s of CPU in the last
 # FREEZE_WINDOW s while neither its console nor the share moved; hung:
 # neither moved for HANG_WINDOW s, whatever the CPU. While dom0 waits for a
@@ -61,14 +88,20 @@ fi
 run_series() {
 XEN=$1
 t_run=$(date +%s)
-# 4.17 runs three guests, each slower to boot (firmware and kernel load
+# 4.17 runs four guests, each slower to boot (firmware and kernel load
 # take ~100 s there, ~40 s on 4.20): its budget leaves room for one more
-# whole boot too.
+# whole boot too. restrict runs on 4.17 only: 4.20's QEMU 10 dies under
+# dm_restrict, with or without xen-usb-dm (README).
 case $XEN in
-  4.17) MODES=${XTB_MODES:-beside wrap intx} TIMEOUT=${XTB_TIMEOUT:-1020} ;;
-  *)    MODES=${XTB_MODES:-beside wrap} TIMEOUT=${XTB_TIMEOUT:-840} ;;
+  4.17) MODES=${XTB_MODES:-beside wrap intx restrict xl ehci} TIMEOUT=${XTB_TIMEOUT:-1500} ;;
+  *)    MODES=${XTB_MODES:-beside wrap ehci uhci} TIMEOUT=${XTB_TIMEOUT:-1080} ;;
 esac
-[ "$DM" != none ] || MODES=beside
+# Without a device model only beside (the plumbing) and xlref (which runs
+# no xen-usb-dm) make sense.
+if [ "$DM" = none ]; then
+  m=""; for mode in $MODES; do case $mode in beside|*ref) m="$m $mode" ;; esac; done
+  MODES=${m# }; MODES=${MODES:-beside}
+fi
 eval "$("$HERE/fetch.sh" "$XEN")"
 OUTER_QEMU=${XTB_OUTER_QEMU:-$OUTER_QEMU}
 
@@ -81,6 +114,35 @@ cp "$GUEST_KERNEL" "$S/vmlinuz"
 cp "$GUEST_INITRD" "$S/guest-initrd.gz"
 if [ "$DM" != none ]; then cp "$DM" "$S/xen-usb-dm"; DM_IN_DOM0=/mnt/share/xen-usb-dm
 else DM_IN_DOM0=none; fi
+# XTB_DIAG=strace: the host's strace (and its libunwind) for dom0.
+if [ "${XTB_DIAG:-}" = strace ]; then
+  mkdir -p "$S/diag"; cp "$(command -v strace)" "$S/diag/"
+  ldd "$(command -v strace)" | awk '/libunwind/ {print $3}' | xargs -r cp -t "$S/diag/"
+fi
+# The outer stick (outside the share: dom0 sees it only as a USB device).
+OSTICK=$W/ostick.img
+head -c "$OSTICK_BYTES" /dev/urandom > "$OSTICK"
+OSTICK_SUM=$(dd if="$OSTICK" bs=64k skip=$((OSTICK_OFF / 65536)) count=$((OSTICK_LEN / 65536)) 2>/dev/null \
+  | sha256sum | cut -d' ' -f1)
+OSTICK_ALL=$(sha256sum < "$OSTICK" | cut -d' ' -f1)
+# Its controller (XTB_OUTER_USB): xhci (qemu-xhci; dom0's xhci_hcd on
+# MSI-X), xhci-intx (the same, dom0's xhci_hcd on INTx: quirks=0x40,
+# XHCI_BROKEN_MSI), ehci (usb-ehci, a high-speed port; ehci_pci, INTx).
+# auto: xhci when an xl mode runs, none otherwise (nothing else needs it).
+OUTER_USB=${XTB_OUTER_USB:-auto}
+if [ "$OUTER_USB" = auto ]; then
+  OUTER_USB=none; for m in $MODES; do case $m in xl|xlref) OUTER_USB=xhci ;; esac; done
+fi
+case $OUTER_USB in
+  xhci|xhci-intx) outer_usb=(-device qemu-xhci,id=ousb) ;;
+  ehci) outer_usb=(-device usb-ehci,id=ousb) ;;
+  none) outer_usb=() ;;
+  *) echo "xen: XTB_OUTER_USB=$OUTER_USB: auto, xhci, xhci-intx, ehci or none" >&2; exit 2 ;;
+esac
+if [ "$OUTER_USB" != none ]; then
+  outer_usb+=(-drive "if=none,id=ostick,file=$OSTICK,format=raw"
+              -device "usb-storage,bus=ousb.0,drive=ostick,serial=XTBSTICK")
+fi
 
 # prepare_run: run/ for the next boot. Modes that finished in an earlier
 # boot keep their directory; the others start afresh, so nothing of a
@@ -95,7 +157,9 @@ prepare_run() {
   for mode in $MODES; do
     [ -f "$S/run/$mode/done" ] && continue
     pending="$pending $mode"
-    rm -rf "${S:?}/run/$mode"; mkdir "$S/run/$mode"
+    # (what an unfinished mode left is kept as run/MODE.bootN)
+    if [ -d "$S/run/$mode" ]; then rm -rf "${S:?}/run/$mode.boot$((n - 1))"; mv "$S/run/$mode" "$S/run/$mode.boot$((n - 1))"; fi
+    mkdir "$S/run/$mode"
     truncate -s "$STICK_BYTES" "$S/run/$mode/stick.img"
     guest_cfg "$mode" > "$S/run/$mode/guest.cfg"
   done
@@ -106,11 +170,18 @@ PCI=$PCI
 GUEST_TIMEOUT=$GUEST_TIMEOUT
 DM_READY_WAIT=20
 DM_EXIT_WAIT=10
-STICK_ON_SHARE=${XTB_STICK_ON_SHARE:-1}
+STICK_ON_SHARE="${XTB_STICK_ON_SHARE:-beside}"
 QEMU_XEN=$QEMU_XEN
 GUEST_ATTEMPTS=$GUEST_ATTEMPTS
 DM_LOG=${XTB_DM_LOG:-info}
 STALL_TEST=${XTB_STALL_TEST:-0}
+DIAG=${XTB_DIAG:-}
+OUTER_USB=$OUTER_USB
+OSTICK_BYTES=$OSTICK_BYTES
+OSTICK_OFF=$OSTICK_OFF
+OSTICK_LEN=$OSTICK_LEN
+OSTICK_SUM=$OSTICK_SUM
+XL_DEPRIV=${XTB_XL_DEPRIV:-0}
 MODES="$pending"
 EOF
 }
@@ -119,10 +190,20 @@ irq_model() { # irq_model MODE: " irq_model=ERE" for the guest (guest-init.sh)
   # 4.17's libxl gives the guest XENFEAT_hvm_pirqs: MSI-X and INTx both
   # arrive as pirqs (event channels); 4.20's does not.
   case $XEN/$1 in
-    4.17/intx) echo " irq_model=xen-pirq.*ioapic" ;;
+    4.17/intx|4.17/uhci) echo " irq_model=xen-pirq.*ioapic" ;;
     4.17/*)    echo " irq_model=xen-pirq.*msi" ;;
-    */intx)    echo " irq_model=IO-APIC" ;;
+    */intx|*/uhci) echo " irq_model=IO-APIC" ;;
     *)         echo " irq_model=PCI-MSI" ;;
+  esac
+}
+
+guest_args() { # guest_args MODE: what guest-init.sh reads from the command line
+  case $1 in
+    xl|xlref)
+      # The passed-through outer stick; its interrupt model is not checked.
+      echo "xtb_mode=xl stick_bytes=$OSTICK_BYTES ostick_off=$OSTICK_OFF ostick_len=$OSTICK_LEN ostick_sum=$OSTICK_SUM" ;;
+    *)
+      echo "stick_bytes=$STICK_BYTES$([ "$1" != intx ] || echo " pci=nomsi")$(irq_model "$1")$(case $1 in restrict*) echo " io_mib=4" ;; ehci|uhci) echo " hc=$1" ;; esac)" ;;
   esac
 }
 
@@ -134,7 +215,7 @@ memory = 256
 vcpus = 1
 kernel = "/mnt/share/vmlinuz"
 ramdisk = "/mnt/share/guest-initrd.gz"
-cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 stick_bytes=$STICK_BYTES$([ "$1" != intx ] || echo " pci=nomsi")$(irq_model "$1")"
+cmdline = "${XTB_GUEST_CMDLINE:-console=hvc0 loglevel=4 mitigations=off rodata=off} panic=-1 usb-storage.delay_use=0 $(guest_args "$1")"
 serial = "file:/var/log/xen/xtb-$1-serial.log"
 vga = "none"
 vnc = 0
@@ -147,10 +228,19 @@ on_reboot = "destroy"
 on_crash = "destroy"
 EOF
   # libxl runs this script (written by dom0-run.sh) instead of its QEMU.
-  if [ "$1" = wrap ]; then
+  case $1 in wrap|restrict|xl)
     echo 'device_model_version = "qemu-xen"'
-    echo 'device_model_override = "/mnt/share/run/wrap/dm-wrap"'
-  fi
+    echo "device_model_override = \"/mnt/share/run/$1/dm-wrap\""
+  esac
+  # libxl's device-model confinement (needs the xen-qemuuser-range-base
+  # user in dom0: dom0-run.sh adds it).
+  case $1 in restrict|restrictref) echo 'dm_restrict = 1' ;; esac
+  # An xHCI with 4 ports from libxl (QMP device_add after the device model
+  # is up); dom0-run.sh appends the usbdev line with the outer stick's
+  # bus and address as dom0 sees them.
+  case $1 in xl|xlref)
+    echo 'usbctrl = [ "type=devicemodel,version=3,ports=4" ]'
+  esac
 }
 
 cpu_s() { # user + system CPU seconds of process $1
@@ -181,6 +271,7 @@ boot() {
     -initrd "$DOM0_KERNEL console=hvc0 quiet loglevel=3,$DOM0_INITRD" \
     -drive "file=$DOM0_IMG,if=virtio,format=raw,cache=unsafe,snapshot=on" \
     -virtfs "local,path=$S,mount_tag=share,security_model=none,id=share" \
+    "${outer_usb[@]}" \
     < /dev/null > "$W/qemu-$n.log" 2>&1 &
   qpid=$!
   status=exited t_dom0=-
@@ -271,6 +362,12 @@ for mode in $MODES; do
       [ "$got" = "$sum" ] && echo "RESULT host_image PASS $got" >> "$mo" \
         || echo "RESULT host_image FAIL image $got guest $sum" >> "$mo"
     fi
+    # The xl modes only read the outer stick: it must be as it was made.
+    case $mode in xl|xlref)
+      got=$(sha256sum < "$OSTICK" | cut -d' ' -f1)
+      [ "$got" = "$OSTICK_ALL" ] && echo "RESULT host_ostick PASS unchanged" >> "$mo" \
+        || echo "RESULT host_ostick FAIL the outer stick changed" >> "$mo"
+    esac
   else
     echo "RESULT testbed FAIL not finished; last attempt $status after $n attempts" >> "$mo"
   fi
@@ -295,7 +392,7 @@ for mode in $MODES; do
         b[++k] = prev - base
         if (k < 4) { printf "xen %s: ioreqs: %d in all (%d bursts)\n", mode, prev, k; exit }
         e = prev - b[k] - b[k - 1] - b[k - 2]
-        printf "xen %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, 1 MiB write %d, 1 MiB read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
+        printf "xen %s: ioreqs: %d in all: firmware + boot + USB enumeration %d, write %d, read %d, shutdown %d\n", mode, prev, e, b[k - 2], b[k - 1], b[k]
       }'
   fi
   mp=$(grep -c '^RESULT .* PASS' "$mo" || true)
