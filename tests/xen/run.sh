@@ -355,6 +355,14 @@ for mode in $MODES; do
     grep '^RESULT' "$R/results.txt" >> "$mo" || true
     tr -d '\r' < "$R/guest-console.log" 2>/dev/null | grep -E '^(RESULT|PCI|HOSTCHECK|IRQ)' \
       | sed 's/^PCI/INFO guest PCI/; s/^HOSTCHECK/INFO guest HOSTCHECK/; s/^IRQ/INFO guest IRQ/' >> "$mo" || true
+    # An earlier guest of this mode that dom0 retried: its failed checks
+    # stay in sight (they do not count; the last guest's results do).
+    for t in "$R".try*; do
+      [ -d "$t" ] || continue
+      { grep -h '^RESULT .* FAIL' "$t/results.txt" 2>/dev/null
+        tr -d '\r' < "$t/guest-console.log" 2>/dev/null | grep '^RESULT .* FAIL'; } \
+        | sed "s/^RESULT /INFO retried guest ${t##*.try}: /" >> "$mo" || true
+    done
     # The host's view of the image too (after dom0 and QEMU are gone).
     if read -r _ off len sum < <(tr -d '\r' < "$R/guest-console.log" | grep '^HOSTCHECK'); then
       got=$(dd if="$R/stick.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null \
