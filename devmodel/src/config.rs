@@ -205,6 +205,95 @@ impl Device {
         Some(o)
     }
 
+    /// Checks the keys of one device (named `label` in errors, e.g.
+    /// `device[2]`) and makes its paths absolute against `base`; the error
+    /// names the key (`label.key`) and what is wrong.
+    pub fn resolve(&mut self, label: &str, base: &Path) -> Result<(), (String, String)> {
+        let invalid = |key: String, msg: String| (key, msg);
+        match &self.capture {
+            Some(c) => {
+                if !c.is_absolute() {
+                    self.capture = Some(base.join(c));
+                }
+                if self
+                    .capture_snaplen
+                    .is_some_and(|n| n > hcd_emul::capture::MAX_SNAPLEN)
+                {
+                    return Err(invalid(
+                        format!("{label}.capture_snaplen"),
+                        format!("at most {} bytes", hcd_emul::capture::MAX_SNAPLEN),
+                    ));
+                }
+            }
+            None => {
+                let keys = [
+                    ("capture_snaplen", self.capture_snaplen.is_some()),
+                    ("capture_max_mib", self.capture_max_mib.is_some()),
+                    ("capture_keep", self.capture_keep.is_some()),
+                ];
+                if let Some(k) = first_set(&keys) {
+                    return Err(invalid(
+                        format!("{label}.{k}"),
+                        "only with capture = \"FILE.pcap\"".into(),
+                    ));
+                }
+            }
+        }
+        match self.kind {
+            DeviceKind::Storage => {
+                let Some(img) = &self.image else {
+                    return Err(invalid(
+                        format!("{label}.image"),
+                        "required for kind = \"storage\"".into(),
+                    ));
+                };
+                let full = if img.is_absolute() {
+                    img.clone()
+                } else {
+                    base.join(img)
+                };
+                if let Err(e) = std::fs::metadata(&full) {
+                    return Err(invalid(
+                        format!("{label}.image"),
+                        format!("{}: {e}", full.display()),
+                    ));
+                }
+                self.image = Some(full);
+                if let Some(key) = first_set(&host_keys(self)) {
+                    return Err(invalid(
+                        format!("{label}.{key}"),
+                        "only for kind = \"host\"".into(),
+                    ));
+                }
+            }
+            DeviceKind::Host => {
+                if let Err((key, msg)) = check_host(self) {
+                    return Err(invalid(format!("{label}.{key}"), msg));
+                }
+            }
+            DeviceKind::Keyboard | DeviceKind::Mouse | DeviceKind::Tablet => {
+                let storage_keys = [
+                    ("image", self.image.is_some()),
+                    ("readonly", self.readonly),
+                    ("uas", self.uas),
+                ];
+                if let Some(key) = first_set(&storage_keys).or(first_set(&host_keys(self))) {
+                    return Err(invalid(
+                        format!("{label}.{key}"),
+                        "not for an input device (keyboard, mouse, tablet)".into(),
+                    ));
+                }
+                if self.speed == Some(SpeedCfg::Super) {
+                    return Err(invalid(
+                        format!("{label}.speed"),
+                        "an input device is \"full\" or \"high\" speed".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The match rule of a `kind = "host"` device (after [`Config::parse`]
     /// validated it).
     pub fn host_rule(&self) -> Option<passthrough::MatchRule> {
@@ -388,86 +477,8 @@ impl Config {
         }
         let base = path.parent().unwrap_or(Path::new("."));
         for (i, d) in cfg.devices.iter_mut().enumerate() {
-            match &d.capture {
-                Some(c) => {
-                    if !c.is_absolute() {
-                        d.capture = Some(base.join(c));
-                    }
-                    if d.capture_snaplen
-                        .is_some_and(|n| n > hcd_emul::capture::MAX_SNAPLEN)
-                    {
-                        return Err(invalid(
-                            format!("device[{i}].capture_snaplen"),
-                            format!("at most {} bytes", hcd_emul::capture::MAX_SNAPLEN),
-                        ));
-                    }
-                }
-                None => {
-                    let keys = [
-                        ("capture_snaplen", d.capture_snaplen.is_some()),
-                        ("capture_max_mib", d.capture_max_mib.is_some()),
-                        ("capture_keep", d.capture_keep.is_some()),
-                    ];
-                    if let Some(k) = first_set(&keys) {
-                        return Err(invalid(
-                            format!("device[{i}].{k}"),
-                            "only with capture = \"FILE.pcap\"".into(),
-                        ));
-                    }
-                }
-            }
-            match d.kind {
-                DeviceKind::Storage => {
-                    let Some(img) = &d.image else {
-                        return Err(invalid(
-                            format!("device[{i}].image"),
-                            "required for kind = \"storage\"".into(),
-                        ));
-                    };
-                    let full = if img.is_absolute() {
-                        img.clone()
-                    } else {
-                        base.join(img)
-                    };
-                    if let Err(e) = std::fs::metadata(&full) {
-                        return Err(invalid(
-                            format!("device[{i}].image"),
-                            format!("{}: {e}", full.display()),
-                        ));
-                    }
-                    d.image = Some(full);
-                    if let Some(key) = first_set(&host_keys(d)) {
-                        return Err(invalid(
-                            format!("device[{i}].{key}"),
-                            "only for kind = \"host\"".into(),
-                        ));
-                    }
-                }
-                DeviceKind::Host => {
-                    if let Err((key, msg)) = check_host(d) {
-                        return Err(invalid(format!("device[{i}].{key}"), msg));
-                    }
-                }
-                DeviceKind::Keyboard | DeviceKind::Mouse | DeviceKind::Tablet => {
-                    let storage_keys = [
-                        ("image", d.image.is_some()),
-                        ("readonly", d.readonly),
-                        ("uas", d.uas),
-                    ];
-                    if let Some(key) = first_set(&storage_keys).or(first_set(&host_keys(d))) {
-                        return Err(invalid(
-                            format!("device[{i}].{key}"),
-                            "not for an input device (keyboard, mouse, tablet)".into(),
-                        ));
-                    }
-                    if d.speed == Some(SpeedCfg::Super) {
-                        return Err(invalid(
-                            format!("device[{i}].speed"),
-                            "an input device is \"full\" or \"high\" speed".into(),
-                        ));
-                    }
-                }
-            }
+            d.resolve(&format!("device[{i}]"), base)
+                .map_err(|(key, msg)| invalid(key, msg))?;
         }
         Ok(cfg)
     }

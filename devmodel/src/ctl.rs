@@ -54,6 +54,30 @@ pub fn request(command: &str, args: &[String], hold_ms: Option<u64>) -> Result<V
             }
             Ok(json!({"execute": "send-key", "arguments": a}))
         }
+        "device_add" => {
+            if args.is_empty() {
+                return usage(
+                    "device_add id=ID kind=KIND KEY=VALUE... (the keys of a [[device]] table; \
+                     true/false and numbers (0x.. hex too) typed, the rest strings)",
+                );
+            }
+            let mut a = serde_json::Map::new();
+            for kv in args {
+                let Some((k, v)) = kv.split_once('=') else {
+                    return usage(&format!("device_add: {kv:?} is not KEY=VALUE"));
+                };
+                if a.insert(k.to_string(), typed(v)).is_some() {
+                    return usage(&format!("device_add: {k} given twice"));
+                }
+            }
+            Ok(json!({"execute": "device_add", "arguments": a}))
+        }
+        "device_del" => {
+            let [id] = args else {
+                return usage("device_del ID (device_add's id, or device[N] of the configuration)");
+            };
+            Ok(json!({"execute": "device_del", "arguments": {"id": id}}))
+        }
         "execute" => match args {
             [name] => Ok(json!({"execute": name})),
             [name, a] => {
@@ -64,9 +88,26 @@ pub fn request(command: &str, args: &[String], hold_ms: Option<u64>) -> Result<V
             _ => usage("execute NAME [ARGUMENTS-JSON]"),
         },
         other => usage(&format!(
-            "unknown command {other:?} (query-usb, query-status, send-key, quit, execute)"
+            "unknown command {other:?} (query-usb, query-status, device_add, device_del, \
+             send-key, quit, execute)"
         )),
     }
+}
+
+/// A `device_add` value: true/false, a decimal or 0x-hex number, else the
+/// string itself.
+fn typed(v: &str) -> Value {
+    match v {
+        "true" => return json!(true),
+        "false" => return json!(false),
+        _ => {}
+    }
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None if v.bytes().all(|b| b.is_ascii_digit()) => v.parse().ok(),
+        None => None,
+    };
+    n.map_or_else(|| json!(v), |n| json!(n))
 }
 
 /// Sends `req` on `socket` after the capabilities negotiation; returns
@@ -125,7 +166,11 @@ pub fn human(command: &str, v: &Value) -> String {
                     format!("port {} hub port {hub}", d["port"])
                 };
                 out.push_str(&format!(
-                    "{at}: {} ({} speed{})\n",
+                    "{at}: {}{} ({} speed{})\n",
+                    d["id"]
+                        .as_str()
+                        .map(|i| format!("{i}: "))
+                        .unwrap_or_default(),
                     d["device"].as_str().unwrap_or("?"),
                     d["speed"].as_str().unwrap_or("?"),
                     if d["connected"] == json!(false) {
@@ -138,6 +183,11 @@ pub fn human(command: &str, v: &Value) -> String {
             out
         }
         "query-status" => format!("status: {}\n", v["status"].as_str().unwrap_or("?")),
+        "device_add" => format!(
+            "{} on port {}\n",
+            v["id"].as_str().unwrap_or("?"),
+            v["port"].as_str().unwrap_or("?")
+        ),
         _ if v == &json!({}) => "ok\n".into(),
         _ => format!("{v}\n"),
     }
@@ -146,6 +196,43 @@ pub fn human(command: &str, v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_add_and_del_command_lines() {
+        let a = |v: &[&str]| {
+            request(
+                "device_add",
+                &v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                None,
+            )
+        };
+        assert_eq!(
+            a(&[
+                "id=s1",
+                "kind=storage",
+                "image=/srv/x.img",
+                "readonly=true",
+                "vendor=0x46f4",
+                "bus=3",
+                "port=1-2.3"
+            ])
+            .unwrap(),
+            json!({"execute": "device_add", "arguments": {"id": "s1", "kind": "storage",
+                "image": "/srv/x.img", "readonly": true, "vendor": 0x46f4, "bus": 3, "port": "1-2.3"}})
+        );
+        assert!(matches!(a(&[]), Err(CtlError::Usage(_))));
+        assert!(matches!(a(&["id"]), Err(CtlError::Usage(m)) if m.contains("KEY=VALUE")));
+        assert!(matches!(a(&["id=a", "id=b"]), Err(CtlError::Usage(m)) if m.contains("twice")));
+        assert_eq!(
+            request("device_del", &["s1".into()], None).unwrap(),
+            json!({"execute": "device_del", "arguments": {"id": "s1"}})
+        );
+        assert!(request("device_del", &[], None).is_err());
+        assert_eq!(
+            human("device_add", &json!({"id": "s1", "port": "3"})),
+            "s1 on port 3\n"
+        );
+    }
 
     #[test]
     fn command_lines_make_requests() {

@@ -52,44 +52,48 @@ pub fn build_controller(
     build_with(model_of(cfg), &cfg.devices, ram, waker, inputs)
 }
 
-/// The input side of the emulated HID devices built (what the control
-/// socket feeds).
+/// The devices plugged in, as the control socket sees them (configured
+/// ones and those added by `device_add`).
 #[derive(Debug, Default, Clone)]
 pub struct Inputs {
-    /// Keyboards, in configuration order.
-    pub keyboards: Vec<hcd_emul::hid::InputHandle>,
-    /// Mice and tablets, in configuration order.
-    pub pointers: Vec<hcd_emul::hid::InputHandle>,
-    /// Every device's capture switch: (index in `[[device]]`, switch).
-    pub captures: Vec<(usize, hcd_emul::capture::CaptureSwitch)>,
+    /// In the order they were plugged in.
+    pub devices: Vec<Plugged>,
 }
 
-/// Attaches `dev` (device `i` of the configuration `d`) behind its capture
-/// switch, started if `d` configures a capture; returns the port.
-fn attach_captured(
-    x: &mut Controller,
-    i: usize,
-    d: &config::Device,
-    dev: Box<dyn hcd_emul::usb::UsbDevice>,
-    inputs: &mut Inputs,
-) -> anyhow::Result<String> {
-    use hcd_emul::capture::{CaptureSwitch, Captured};
-    let switch = CaptureSwitch::default();
-    if let Some(o) = d.capture_options() {
-        switch
-            .start(&o)
-            .with_context(|| format!("device[{i}].capture: {}", o.path.display()))?;
-        info!(
-            "device[{i}]: capturing into {} (usbmon pcap)",
-            o.path.display()
-        );
+/// One device plugged into the controller.
+#[derive(Debug, Clone)]
+pub struct Plugged {
+    /// `device[N]` for the configuration's device N, else the id given to
+    /// `device_add`.
+    pub id: String,
+    /// Where it is.
+    pub port: hcd_emul::controller::PortPath,
+    /// What it is.
+    pub kind: config::DeviceKind,
+    /// An emulated keyboard's, mouse's or tablet's input.
+    pub input: Option<hcd_emul::hid::InputHandle>,
+    /// Its capture switch.
+    pub capture: hcd_emul::capture::CaptureSwitch,
+}
+
+/// A device built from its configuration, not plugged in yet.
+pub struct Built {
+    /// The device behind its capture switch.
+    pub dev: Box<dyn hcd_emul::usb::UsbDevice>,
+    /// Its capture switch (started if the configuration captures).
+    pub capture: hcd_emul::capture::CaptureSwitch,
+    /// An emulated HID device's input.
+    pub input: Option<hcd_emul::hid::InputHandle>,
+    /// For the log: what it is.
+    pub desc: String,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("desc", &self.desc)
+            .finish_non_exhaustive()
     }
-    let port = x
-        .attach(Box::new(Captured::new(dev, switch.clone())))
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("device[{i}]: attach"))?;
-    inputs.captures.push((i, switch));
-    Ok(port.to_string())
 }
 
 fn speed_of(s: config::SpeedCfg) -> Speed {
@@ -124,13 +128,34 @@ pub fn attach_device(
     d: &config::Device,
     inputs: &mut Inputs,
 ) -> anyhow::Result<()> {
-    let model = x.model();
-    match d.kind {
+    let id = format!("device[{i}]");
+    let b = build_device(x.model(), &id, d)?;
+    let port = x
+        .attach(b.dev)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{id}: attach"))?;
+    info!("{id}: {} on {port}", b.desc);
+    inputs.devices.push(Plugged {
+        id,
+        port,
+        kind: d.kind,
+        input: b.input,
+        capture: b.capture,
+    });
+    Ok(())
+}
+
+/// Builds the device `d` (checked by [`config::Device::resolve`]) for a
+/// `model` controller, behind a capture switch (started if `d` captures);
+/// errors name `label` (`device[N]`, or `device_add`'s id) and the key.
+pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Result<Built> {
+    use hcd_emul::capture::{CaptureSwitch, Captured};
+    let (dev, input, desc): (Box<dyn hcd_emul::usb::UsbDevice>, _, _) = match d.kind {
         config::DeviceKind::Storage => {
             let img = d
                 .image
                 .as_deref()
-                .context(format!("device[{i}].image missing"))?;
+                .context(format!("{label}.image missing"))?;
             // The fastest speed the controller has.
             let speed = d.speed.map(speed_of).unwrap_or(match model {
                 Model::Xhci => Speed::Super,
@@ -139,29 +164,28 @@ pub fn attach_device(
             });
             if d.uas && !matches!(speed, Speed::Super | Speed::High) {
                 anyhow::bail!(
-                    "device[{i}].uas: UAS needs speed = \"super\" or \"high\" (not at full speed)"
+                    "{label}.uas: UAS needs speed = \"super\" or \"high\" (not at full speed)"
                 );
             }
             if model == Model::Uhci && matches!(speed, Speed::High | Speed::Super) {
-                anyhow::bail!("device[{i}].speed: UHCI is full and low speed only (\"full\")");
+                anyhow::bail!("{label}.speed: UHCI is full and low speed only (\"full\")");
             }
             if model == Model::Ehci && speed == Speed::Super {
                 anyhow::bail!(
-                    "device[{i}].speed: \"super\" needs the xHCI (EHCI: \"high\" or \"full\")"
+                    "{label}.speed: \"super\" needs the xHCI (EHCI: \"high\" or \"full\")"
                 );
             }
             let dev = UsbStorage::open(img, d.readonly, speed)
-                .with_context(|| format!("device[{i}].image: {}", img.display()))?
+                .with_context(|| format!("{label}.image: {}", img.display()))?
                 .with_uas(d.uas);
-            let blocks = dev.blocks();
-            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
-            info!(
-                "device[{i}]: storage {} ({} MiB{}{}) on {port}",
+            let desc = format!(
+                "storage {} ({} MiB{}{})",
                 img.display(),
-                (blocks * 512) >> 20,
+                (dev.blocks() * 512) >> 20,
                 if d.readonly { ", read-only" } else { "" },
                 if d.uas { ", BOT + UAS" } else { "" }
             );
+            (Box::new(dev), None, desc)
         }
         config::DeviceKind::Keyboard | config::DeviceKind::Mouse | config::DeviceKind::Tablet => {
             use hcd_emul::hid::{HidDevice, Kind};
@@ -178,40 +202,41 @@ pub fn attach_device(
             };
             let (dev, input) = HidDevice::with_kind(kind, speed)
                 .map_err(anyhow::Error::msg)
-                .with_context(|| format!("device[{i}]"))?;
-            let name = hcd_emul::usb::UsbDevice::name(&dev);
-            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
-            info!("device[{i}]: {name} on {port}");
-            if kind == Kind::Keyboard {
-                inputs.keyboards.push(input);
-            } else {
-                inputs.pointers.push(input);
-            }
+                .with_context(|| label.to_owned())?;
+            let desc = hcd_emul::usb::UsbDevice::name(&dev);
+            (Box::new(dev), Some(input), desc)
         }
         config::DeviceKind::Host => {
-            let rule = d
-                .host_rule()
-                .context(format!("device[{i}]: no match rule"))?;
+            let rule = d.host_rule().context(format!("{label}: no match rule"))?;
             let opts = passthrough::HostOptions {
                 speed: d.speed.map(speed_of),
                 ..Default::default()
             };
             let dev = passthrough::HostDevice::new(rule.clone(), opts)
-                .with_context(|| format!("device[{i}]: host {rule}"))?;
-            let present = dev.monitor().device();
-            let port = attach_captured(x, i, d, Box::new(dev), inputs)?;
-            match present {
-                Some(h) => info!(
-                    "device[{i}]: host {rule} (now {} at bus {} addr {}) on {port}",
+                .with_context(|| format!("{label}: host {rule}"))?;
+            let desc = match dev.monitor().device() {
+                Some(h) => format!(
+                    "host {rule} (now {} at bus {} addr {})",
                     h.port, h.bus, h.addr
                 ),
-                None => {
-                    info!("device[{i}]: host {rule} (not plugged in yet) on {port}")
-                }
-            }
+                None => format!("host {rule} (not plugged in yet)"),
+            };
+            (Box::new(dev), None, desc)
         }
+    };
+    let capture = CaptureSwitch::default();
+    if let Some(o) = d.capture_options() {
+        capture
+            .start(&o)
+            .with_context(|| format!("{label}.capture: {}", o.path.display()))?;
+        info!("{label}: capturing into {} (usbmon pcap)", o.path.display());
     }
-    Ok(())
+    Ok(Built {
+        dev: Box::new(Captured::new(dev, capture.clone())),
+        capture,
+        input,
+        desc,
+    })
 }
 
 /// Runs the device model described by `cfg` until `stop()` returns true
@@ -277,13 +302,12 @@ fn start_control(
     };
     let ctl = control::Control::start(
         &c.socket,
-        control::Target {
-            mailbox: mailbox.clone(),
-            keyboards: inputs.keyboards.clone(),
-            pointers: inputs.pointers.clone(),
-            captures: inputs.captures.clone(),
-            quit: quit.clone(),
-        },
+        control::Target::new(
+            mailbox.clone(),
+            model_of(cfg),
+            inputs.devices.clone(),
+            quit.clone(),
+        ),
     )
     .with_context(|| format!("control.socket: {}", c.socket.display()))?;
     info!("xen-usb-dm: control socket on {}", c.socket.display());
@@ -568,7 +592,19 @@ mod tests {
             let mut inputs = Inputs::default();
             let x = build_with(model, &devs, ram, Box::new(|| {}), &mut inputs);
             assert!(x.is_ok(), "{model:?}: {:?}", x.err());
-            assert_eq!(inputs.keyboards.len(), 1);
+            let kinds: Vec<_> = inputs
+                .devices
+                .iter()
+                .map(|p| (p.id.as_str(), p.kind))
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    ("device[0]", config::DeviceKind::Storage),
+                    ("device[1]", config::DeviceKind::Keyboard)
+                ]
+            );
+            assert!(inputs.devices[1].input.is_some() && inputs.devices[0].input.is_none());
         }
     }
 }

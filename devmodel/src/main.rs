@@ -58,6 +58,9 @@ enum Cmd {
     ///
     /// Examples:
     ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl query-usb
+    ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl device_add id=s1 kind=storage image=/srv/x.img
+    ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl device_add id=k kind=host vendor=0x046d product=0xc52b
+    ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl device_del s1
     ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl send-key ctrl-alt-delete
     ///   xen-usb-dm ctl --json /run/xen-usb-dm/g1.ctl query-status
     ///   xen-usb-dm ctl /run/xen-usb-dm/g1.ctl execute input-send-event '{"events": [...]}'
@@ -71,7 +74,8 @@ enum Cmd {
         hold: Option<u64>,
         /// The control socket.
         socket: PathBuf,
-        /// query-usb, query-status, send-key KEYS, quit, or execute NAME [ARGUMENTS-JSON].
+        /// query-usb, query-status, device_add KEY=VALUE..., device_del ID, send-key KEYS, quit,
+        /// or execute NAME [ARGUMENTS-JSON].
         command: String,
         /// The command's arguments.
         args: Vec<String>,

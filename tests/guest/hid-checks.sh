@@ -39,16 +39,18 @@ cat "$kb" > /tmp/kb & p1=$!
 cat "$tab" > /tmp/tab & p2=$!
 usleep 200000
 echo "HID-READY"
-# Keys: six transitions of MSC_SCAN + EV_KEY + SYN; tablet: at least the
-# move and the two button reports (24 bytes an event).
+# struct input_event on x86-64: 16 bytes of time, u16 type, u16 code, s32 value.
+events() { od -An -v -tu2 -w24 "$1" | awk -v t="$2" '$9 == t {printf "%s:%s ", $10, $11 + 65536 * $12}'; }
+n_keys() { events "$1" 1 | wc -w; }
+# Wait for every key event: the keyboard's six transitions and the
+# tablet's press and release (the host sends the release in a command of
+# its own, later), up to 20 s.
 i=0
-while { [ "$(wc -c < /tmp/kb)" -lt $((18 * 24)) ] || [ "$(wc -c < /tmp/tab)" -lt $((7 * 24)) ]; } && [ $i -lt 400 ]; do
+while { [ "$(n_keys /tmp/kb)" -lt 6 ] || [ "$(n_keys /tmp/tab)" -lt 2 ]; } && [ $i -lt 400 ]; do
   usleep 50000; i=$((i + 1))
 done
 usleep 300000
 kill $p1 $p2 2>/dev/null
-# struct input_event on x86-64: 16 bytes of time, u16 type, u16 code, s32 value.
-events() { od -An -v -tu2 -w24 "$1" | awk -v t="$2" '$9 == t {printf "%s:%s ", $10, $11 + 65536 * $12}'; }
 got=$(events /tmp/kb 1)
 want="30:1 30:0 42:1 48:1 48:0 42:0 "
 [ "$got" = "$want" ] && res keys_exact PASS "$got" || res keys_exact FAIL "got '$got' want '$want'"
@@ -58,3 +60,60 @@ want="0:16384 1:8192 "
 got=$(events /tmp/tab 1)
 want="272:1 272:0 "
 [ "$got" = "$want" ] && res tablet_button_exact PASS "$got" || res tablet_button_exact FAIL "got '$got' want '$want'"
+
+# Hot-plug (hot=1 on the command line: the xHCI and EHCI cells; the
+# UHCI's two ports hold the keyboard and tablet): the host adds a stick
+# through the control socket (device_add) while the guest runs; the guest
+# reads it and checks its contents (hot_sha: the sha256 of its first
+# 2 MiB, made by the host), writes 1 MiB at 4 MiB and reads it back
+# (HOTCHECK: the host compares its image), then starts a long read and
+# the host removes the stick during it (device_del): the read must end
+# (an I/O error) and the disk go away, no hang; then a stick added again
+# must work (read and checked again).
+[ "$(arg hot)" = 1 ] || exit 0
+HOT_SHA=$(arg hot_sha)
+sha() { sha256sum | cut -d' ' -f1; }
+modprobe usb-storage; modprobe sd_mod
+disk() { for b in /sys/block/sd*; do [ -e "$b" ] && { echo "${b##*/}"; return; }; done; }
+wait_disk() { # $1 = timeout s: prints the disk's name
+  i=0; d=$(disk)
+  while [ -z "$d" ] && [ $i -lt $(($1 * 20)) ]; do usleep 50000; i=$((i + 1)); d=$(disk); done
+  i=0; while [ -n "$d" ] && [ ! -b "/dev/$d" ] && [ $i -lt 100 ]; do usleep 50000; i=$((i + 1)); done
+  echo "$d"
+}
+t=$(now_ms)
+echo "HOTPLUG-ADD"
+d=$(wait_disk 60)
+if [ -z "$d" ]; then res hot_add FAIL "no disk 60 s after device_add"; dmesg | tail -20; exit 0; fi
+res hot_add PASS "/dev/$d after $(( $(now_ms) - t )) ms"
+got=$(dd if=/dev/$d bs=64k count=32 iflag=direct 2>/dev/null | sha)
+[ "$got" = "$HOT_SHA" ] && res hot_read PASS "2 MiB $got" || res hot_read FAIL "got $got want $HOT_SHA"
+dd if=/dev/urandom of=/tmp/w bs=64k count=16 2>/dev/null
+want=$(sha < /tmp/w)
+dd if=/tmp/w of=/dev/$d bs=64k seek=64 oflag=direct conv=notrunc 2>/dev/null
+got=$(dd if=/dev/$d bs=64k skip=64 count=16 iflag=direct 2>/dev/null | sha)
+[ "$got" = "$want" ] && res hot_write PASS "1 MiB at 4 MiB" || res hot_write FAIL "read back $got want $want"
+echo "HOTCHECK $((4 << 20)) $((1 << 20)) $want"
+# The long read, and the removal during it.
+dd if=/dev/$d of=/dev/null bs=4k iflag=direct 2>/tmp/dd.err & ddp=$!
+usleep 500000
+kill -0 $ddp 2>/dev/null && during=yes || during=no
+t=$(now_ms)
+echo "HOTPLUG-DEL"
+i=0; while kill -0 $ddp 2>/dev/null && [ $i -lt 1200 ]; do usleep 50000; i=$((i + 1)); done
+if kill -0 $ddp 2>/dev/null; then
+  res hot_remove_io FAIL "the read still runs 60 s after device_del"; kill -9 $ddp; dmesg | tail -20
+else
+  wait $ddp; rc=$?
+  [ $during = yes ] && [ $rc != 0 ] && res hot_remove_io PASS "read ended (exit $rc) $(( $(now_ms) - t )) ms after the removal" \
+    || res hot_remove_io FAIL "read running at removal: $during, exit $rc ($(tr '\n' ' ' < /tmp/dd.err))"
+fi
+i=0; while [ -e /sys/block/$d ] && [ $i -lt 600 ]; do usleep 50000; i=$((i + 1)); done
+[ -e /sys/block/$d ] && res hot_gone FAIL "/sys/block/$d still there" || res hot_gone PASS "$d gone"
+t=$(now_ms)
+echo "HOTPLUG-READD"
+d=$(wait_disk 60)
+if [ -z "$d" ]; then res hot_readd FAIL "no disk 60 s after the second device_add"; dmesg | tail -20; exit 0; fi
+got=$(dd if=/dev/$d bs=64k count=32 iflag=direct 2>/dev/null | sha)
+[ "$got" = "$HOT_SHA" ] && res hot_readd PASS "/dev/$d after $(( $(now_ms) - t )) ms, 2 MiB $got" \
+  || res hot_readd FAIL "/dev/$d: got $got want $HOT_SHA"

@@ -61,16 +61,25 @@ rw_run() {
 # hid_run K W HC: our keyboard and tablet on controller HC; the guest's
 # usbhid binds them and the key, position and button events injected
 # through the control socket arrive in their evdev nodes exactly
-# (tests/guest/hid-checks.sh).
+# (tests/guest/hid-checks.sh). On the xHCI and EHCI then a stick is
+# hot-added (device_add), checked, hot-removed during a read (device_del)
+# and added again (the UHCI's two ports hold the keyboard and tablet).
 hid_run() {
-  local K=$1 W=$2 hc=$3 st; local label=hid-$hc
+  local K=$1 W=$2 hc=$3 st hot=0 hot_sha=""; local label=hid-$hc
   rm -f "$W/stick.img"; truncate -s $STICK "$W/stick.img"
+  [ "$hc" = uhci ] || hot=1
+  if [ $hot = 1 ]; then
+    rm -f "$W/hot.img"; truncate -s 256M "$W/hot.img"
+    dd if=/dev/urandom of="$W/hot.img" bs=1M count=2 conv=notrunc 2>/dev/null
+    hot_sha=$(head -c $((2 << 20)) "$W/hot.img" | sha256sum | cut -d' ' -f1)
+  fi
   HC=$hc NOSTICK=true KBD=true TABLET=true CONTROL=$W/ctl.sock start_dm "$DM" "$W" false "$W/dm.log"
   local t=$(date +%s)
   rm -f "$W/guest.log"
-  GUEST_SCRIPT=$HERE/hid-checks.sh EXTRA_MODULES=drivers/input APPEND="hc=$hc" \
+  GUEST_SCRIPT=$HERE/hid-checks.sh EXTRA_MODULES=drivers/input APPEND="hc=$hc hot=$hot hot_sha=$hot_sha" \
     "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(vfio_dev "$W")" &
-  local boot=$! sent=0
+  local boot=$! sent=0 hp=0
+  ctl() { "$DM" ctl "$W/ctl.sock" "$@" > /dev/null || echo "  [$K $label] control socket: ctl $* failed"; }
   while kill -0 $boot 2>/dev/null; do
     if [ $sent = 0 ] && grep -q HID-READY "$W/guest.log" 2>/dev/null; then
       sent=1
@@ -85,14 +94,30 @@ hid_run() {
         '{"execute":"input-send-event","arguments":{"events":[{"type":"btn","data":{"down":false,"button":"left"}}]}}' \
         > /dev/null || echo "  [$K $label] control socket: input-send-event (release) failed"
     fi
+    # The hot-plug steps, each once, when the guest asks.
+    if [ $hp = 0 ] && grep -q HOTPLUG-ADD "$W/guest.log" 2>/dev/null; then
+      hp=1; ctl device_add id=hot kind=storage image="$W/hot.img"
+    elif [ $hp = 1 ] && grep -q HOTPLUG-DEL "$W/guest.log" 2>/dev/null; then
+      hp=2; ctl device_del hot
+    elif [ $hp = 2 ] && grep -q HOTPLUG-READD "$W/guest.log" 2>/dev/null; then
+      hp=3; ctl device_add id=hot2 kind=storage image="$W/hot.img"
+    fi
     sleep 0.2
   done
   if wait $boot; then st=PASS; else st=FAIL; fail=1; fi
   stop_dm
   grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K $label] /" || true
+  # The host's view of what the guest wrote to the hot-added stick.
+  if read -r _ off len sum < <(tr -d '\r' < "$W/guest.log" | grep '^HOTCHECK'); then
+    got=$(dd if="$W/hot.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null | sha256sum | cut -d' ' -f1)
+    if [ "$got" = "$sum" ]; then echo "  [$K $label] RESULT hot_host_image PASS $got"; passed=$((passed + 1))
+    else echo "  [$K $label] RESULT hot_host_image FAIL image $got guest $sum"; fail=1; failed=$((failed + 1)); fi
+  elif [ $hot = 1 ]; then echo "  [$K $label] RESULT hot_host_image FAIL no HOTCHECK line"; fail=1; failed=$((failed + 1))
+  fi
   count "$W/guest.log"
   echo "matrix: $K $label: $st ($(( $(date +%s) - t )) s)"
   [ $st = PASS ] || { tail -30 "$W/guest.log"; tail -20 "$W/dm.log"; }
+  rm -f "$W/hot.img"
 }
 
 for K in $KERNELS; do

@@ -5,17 +5,25 @@
 //! `{"return": ...}` or `{"error": {"class", "desc"}}`, the `id` echoed,
 //! every message ending in `\r\n`.
 //!
-//! Commands so far: `query-status`, `query-usb` (what is plugged in
-//! where), `input-send-event` (QMP's argument shape: key events for the
-//! emulated keyboard, btn/rel/abs for the mouse or tablet), `send-key`
-//! (QMP's: press in order, hold, release in reverse), `quit`. Access is the socket's file permissions (0600,
-//! owner only). Every field is validated; input is capped (1 MiB pending,
-//! 8 clients, 64 events per command).
+//! Commands: `query-status`, `query-usb` (what is plugged in where, with
+//! ids), `device_add` (`{"id": ID, "kind": ..., KEY: VALUE ...}`, the keys
+//! of a `[[device]]` table, paths absolute) and `device_del` (`{"id": ID}`;
+//! the configuration's devices are `device[N]`), `input-send-event`
+//! (QMP's argument shape: key events for the emulated keyboard,
+//! btn/rel/abs for the mouse or tablet), `send-key` (QMP's: press in
+//! order, hold, release in reverse), `capture-start`/`capture-stop`,
+//! `quit`. Events (QMP's form, to every negotiated client): `DEVICE_ADDED`
+//! and `DEVICE_DELETED` (`{"device": ID, "port": PORT}`). Access is the
+//! socket's file permissions (0600, owner only). Every field is validated;
+//! input is capped (1 MiB pending, 8 clients, 64 events per command, 32
+//! added devices, 256 queued events per client).
 //!
 //! One thread accepts; each client gets a thread of its own. Commands that
 //! touch the controller are posted to the transport's thread through a
 //! [`Mailbox`]; key events go straight to the keyboards' input handles.
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod keys;
 mod protocol;
 #[cfg(test)]
@@ -27,15 +35,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hcd_emul::guest_info;
 use hcd_emul::hid::InputHandle;
 
+use crate::config::DeviceKind;
 use crate::mailbox::Mailbox;
 use crate::qmp::wire::{Piece, Splitter};
+use crate::Plugged;
 
 /// Most clients at once.
 pub const MAX_CLIENTS: usize = 8;
@@ -45,14 +55,101 @@ pub const MAX_CLIENTS: usize = 8;
 pub struct Target {
     /// The controller's thread.
     pub mailbox: Mailbox,
-    /// The emulated keyboards' inputs, in configuration order.
-    pub keyboards: Vec<InputHandle>,
-    /// The emulated mice' and tablets' inputs, in configuration order.
-    pub pointers: Vec<InputHandle>,
-    /// Every device's capture switch, by index in `[[device]]`.
-    pub captures: Vec<(usize, hcd_emul::capture::CaptureSwitch)>,
+    /// The controller's model (what `device_add` builds for).
+    pub model: hcd_emul::controller::Model,
+    /// What is plugged in (configured and added devices).
+    pub devices: Arc<Mutex<Vec<Plugged>>>,
+    /// The clients' event queues.
+    pub events: Arc<Events>,
     /// Set by `quit` (the transport's loop stops; the mailbox wakes it).
     pub quit: Arc<AtomicBool>,
+}
+
+impl Target {
+    /// A target serving `devices` on the controller behind `mailbox`.
+    pub fn new(
+        mailbox: Mailbox,
+        model: hcd_emul::controller::Model,
+        devices: Vec<Plugged>,
+        quit: Arc<AtomicBool>,
+    ) -> Self {
+        Target {
+            mailbox,
+            model,
+            devices: Arc::new(Mutex::new(devices)),
+            events: Arc::default(),
+            quit,
+        }
+    }
+
+    fn plugged(&self) -> std::sync::MutexGuard<'_, Vec<Plugged>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keyboards' inputs, in the order they were plugged in.
+    pub fn keyboards(&self) -> Vec<InputHandle> {
+        self.inputs(|k| k == DeviceKind::Keyboard)
+    }
+
+    /// The mice' and tablets' inputs, in the order they were plugged in.
+    pub fn pointers(&self) -> Vec<InputHandle> {
+        self.inputs(|k| matches!(k, DeviceKind::Mouse | DeviceKind::Tablet))
+    }
+
+    fn inputs(&self, want: impl Fn(DeviceKind) -> bool) -> Vec<InputHandle> {
+        self.plugged()
+            .iter()
+            .filter(|p| want(p.kind))
+            .filter_map(|p| p.input.clone())
+            .collect()
+    }
+}
+
+/// The asynchronous events for the connected clients: each has a bounded
+/// queue; a client that does not read loses events (logged, rate-limited)
+/// and never blocks the sender.
+#[derive(Debug, Default)]
+pub struct Events {
+    queues: Mutex<Vec<mpsc::SyncSender<Vec<u8>>>>,
+}
+
+/// Most events queued for one client.
+pub const EVENT_QUEUE: usize = 256;
+
+impl Events {
+    /// A new client's queue.
+    pub fn subscribe(&self) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    /// Sends QMP's event form `{"event": NAME, "data": DATA, "timestamp":
+    /// {"seconds", "microseconds"}}` to every client.
+    pub fn emit(&self, name: &str, data: serde_json::Value) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut v = serde_json::json!({
+            "event": name,
+            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()},
+        });
+        v["data"] = data;
+        let mut msg = serde_json::to_vec(&v).unwrap_or_default();
+        msg.extend_from_slice(b"\r\n");
+        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|tx| match tx.try_send(msg.clone()) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(_)) => {
+                guest_info!(target: "control", "control client does not read its events: one dropped");
+                true
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => false,
+        });
+    }
 }
 
 /// A running control socket; dropping it stops the threads and removes
@@ -164,9 +261,17 @@ fn serve_client(mut s: UnixStream, target: &Target, stop: &AtomicBool) {
     if s.write_all(&session.greeting()).is_err() {
         return;
     }
+    let events = target.events.subscribe();
     let mut split = Splitter::default();
     let mut buf = vec![0u8; 64 << 10];
     while !stop.load(Ordering::Relaxed) {
+        // Events reach a client once it negotiated (as QMP's do), between
+        // its commands' answers, within a read timeout of being sent.
+        while let Ok(ev) = events.try_recv() {
+            if session.negotiated() && s.write_all(&ev).is_err() {
+                return;
+            }
+        }
         let n = match s.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,

@@ -11,6 +11,10 @@ use super::{keys, Target};
 
 /// Most events in one `input-send-event`, keys in one `send-key`.
 pub const MAX_EVENTS: usize = 64;
+/// Longest `device_add` id.
+pub const MAX_ID: usize = 64;
+/// Most devices plugged in at once (configured and added).
+pub const MAX_DEVICES: usize = 32;
 /// Longest `send-key` hold time.
 pub const MAX_HOLD_MS: u64 = 5000;
 
@@ -73,6 +77,11 @@ impl<'a> Session<'a> {
         out
     }
 
+    /// Whether `qmp_capabilities` was sent (events flow from then on).
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
     /// Whether the session ends after the last answer (`quit`).
     pub fn closing(&self) -> bool {
         self.closing
@@ -123,6 +132,8 @@ impl<'a> Session<'a> {
             "query-usb" => no_args(args).and_then(|()| self.query_usb()),
             "input-send-event" => self.input_send_event(args),
             "send-key" => self.send_key(args),
+            "device_add" => self.device_add(args),
+            "device_del" => self.device_del(args),
             "capture-start" => self.capture_start(args),
             "capture-stop" => self.capture_stop(args),
             "quit" => no_args(args).map(|()| {
@@ -146,10 +157,16 @@ impl<'a> Session<'a> {
         let Ok((model, devices)) = r else {
             return generic("the controller did not answer");
         };
+        let plugged = self.target.plugged();
         let list: Vec<Value> = devices
             .iter()
             .map(|d| {
+                let id = plugged
+                    .iter()
+                    .find(|p| p.port == d.at)
+                    .map(|p| p.id.as_str());
                 json!({
+                    "id": id,
                     "port": d.at.root,
                     "hub-port": d.at.hub,
                     "device": d.name,
@@ -161,23 +178,156 @@ impl<'a> Session<'a> {
         Ok(json!({"controller": format!("{model:?}").to_lowercase(), "devices": list}))
     }
 
+    /// `device_add {"id": ID, "kind": KIND, ...}`: the other members are
+    /// the keys of a `[[device]]` table (checked as the configuration's
+    /// are; paths must be absolute). The device is built here (its image
+    /// opened, a host device looked up) and plugged into the first free
+    /// port that fits its speed on the controller's thread.
+    fn device_add(&self, args: &Value) -> Answer {
+        let Some(obj) = args.as_object() else {
+            return generic("'arguments' must be an object");
+        };
+        let Some(id) = obj.get("id").and_then(Value::as_str) else {
+            return generic("Parameter 'id' is missing or not a string");
+        };
+        let id_ok = (1..=MAX_ID).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && id.as_bytes()[0].is_ascii_alphabetic();
+        if !id_ok {
+            return generic(format!(
+                "'id' must be 1 to {MAX_ID} letters, digits, '-', '_' or '.', starting with a letter"
+            ));
+        }
+        let mut keys = obj.clone();
+        keys.remove("id");
+        for k in ["image", "capture"] {
+            if let Some(p) = keys.get(k).and_then(Value::as_str) {
+                if !std::path::Path::new(p).is_absolute() || p.len() > 4096 || p.contains('\0') {
+                    return generic(format!(
+                        "'{k}' must be an absolute path (at most 4096 bytes)"
+                    ));
+                }
+            }
+        }
+        let mut d: crate::config::Device = match serde_json::from_value(Value::Object(keys)) {
+            Ok(d) => d,
+            Err(e) => return generic(format!("{id}: {e}")),
+        };
+        if let Err((key, msg)) = d.resolve(id, std::path::Path::new("/")) {
+            return generic(format!("{key}: {msg}"));
+        }
+        {
+            let plugged = self.target.plugged();
+            if plugged.iter().any(|p| p.id == id) {
+                return generic(format!("Duplicate device ID '{id}'"));
+            }
+            if plugged.len() >= MAX_DEVICES {
+                return generic(format!("at most {MAX_DEVICES} devices"));
+            }
+        }
+        let b = match crate::build_device(self.target.model, id, &d) {
+            Ok(b) => b,
+            Err(e) => return generic(format!("{e:#}")),
+        };
+        let (desc, capture, input) = (b.desc, b.capture, b.input);
+        let dev = b.dev;
+        let port = match self
+            .target
+            .mailbox
+            .call(move |pci| pci.controller_mut().attach(dev))
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return generic(format!("{id}: {e}")),
+            Err(_) => return generic("the controller did not answer"),
+        };
+        let mut plugged = self.target.plugged();
+        // A second device_add with this id raced this one: the later one
+        // goes away again.
+        if plugged.iter().any(|p| p.id == id) {
+            drop(plugged);
+            let _ = self
+                .target
+                .mailbox
+                .call(move |pci| drop(pci.controller_mut().detach(port)));
+            return generic(format!("Duplicate device ID '{id}'"));
+        }
+        plugged.push(crate::Plugged {
+            id: id.to_owned(),
+            port,
+            kind: d.kind,
+            input,
+            capture,
+        });
+        drop(plugged);
+        tracing::info!("control: {id}: {desc} on {port}");
+        let port = port.to_string();
+        self.target
+            .events
+            .emit("DEVICE_ADDED", json!({"device": id, "port": port}));
+        Ok(json!({"id": id, "port": port}))
+    }
+
+    /// `device_del {"id": ID}`: unplugs the device (the guest sees it
+    /// disconnect; its transfers in flight end with an error) and drops it
+    /// (an image is flushed and closed, a host device released).
+    fn device_del(&self, args: &Value) -> Answer {
+        only(args, &["id"])?;
+        let Some(id) = args.get("id").and_then(Value::as_str) else {
+            return generic("Parameter 'id' is missing or not a string");
+        };
+        let p = {
+            let mut plugged = self.target.plugged();
+            let Some(i) = plugged.iter().position(|p| p.id == id) else {
+                return error("DeviceNotFound", format!("Device '{id}' not found"));
+            };
+            plugged.remove(i)
+        };
+        let port = p.port;
+        if self
+            .target
+            .mailbox
+            .call(move |pci| drop(pci.controller_mut().detach(port)))
+            .is_err()
+        {
+            return generic("the controller did not answer");
+        }
+        drop(p.capture.stop());
+        tracing::info!("control: {id}: unplugged from {port}");
+        let port = port.to_string();
+        self.target
+            .events
+            .emit("DEVICE_DELETED", json!({"device": id, "port": port}));
+        Ok(json!({}))
+    }
+
     /// The capture switch of `args.device` (its index in `[[device]]`).
+    /// The capture switch of `args.device`: its index in `[[device]]`, or
+    /// a `device_add` id.
     fn capture_switch(
         &self,
         args: &Value,
-    ) -> Result<&hcd_emul::capture::CaptureSwitch, (String, String)> {
-        let Some(n) = args.get("device").and_then(Value::as_u64) else {
-            return Err((
-                "GenericError".into(),
-                "Parameter 'device' (the index in [[device]]) is missing or not a number".into(),
-            ));
-        };
+    ) -> Result<hcd_emul::capture::CaptureSwitch, (String, String)> {
+        let id =
+            match args.get("device") {
+                Some(Value::Number(n)) if n.as_u64().is_some() => {
+                    format!("device[{}]", n.as_u64().unwrap_or_default())
+                }
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err((
+                    "GenericError".into(),
+                    "Parameter 'device' (the index in [[device]] or a device_add id) is missing \
+                     or not a number or string"
+                        .into(),
+                )),
+            };
         self.target
-            .captures
+            .plugged()
             .iter()
-            .find(|(i, _)| *i as u64 == n)
-            .map(|(_, s)| s)
-            .ok_or_else(|| ("DeviceNotFound".into(), format!("no device[{n}]")))
+            .find(|p| p.id == id)
+            .map(|p| p.capture.clone())
+            .ok_or_else(|| ("DeviceNotFound".into(), format!("no {id}")))
     }
 
     /// `capture-start {"device": N, "file": ABSOLUTE_PATH, "snaplen": BYTES,
@@ -322,7 +472,8 @@ impl<'a> Session<'a> {
         }
         // Pointer events go to a tablet if the command moves absolutely,
         // to a mouse if relatively; buttons alone to the first of either.
-        let find = |k: Kind| self.target.pointers.iter().find(|p| p.kind() == k);
+        let pointers = self.target.pointers();
+        let find = |k: Kind| pointers.iter().find(|p| p.kind() == k);
         let has_abs = list.iter().any(|e| matches!(e, Ev::Abs(..)));
         let has_rel = list.iter().any(|e| matches!(e, Ev::Rel(..)));
         let has_ptr = list.iter().any(|e| !matches!(e, Ev::Key(..)));
@@ -338,12 +489,7 @@ impl<'a> Session<'a> {
         } else if has_rel {
             Some(find(Kind::Mouse).ok_or_else(|| missing("mouse ([[device]] kind = \"mouse\")"))?)
         } else if has_ptr {
-            Some(
-                self.target
-                    .pointers
-                    .first()
-                    .ok_or_else(|| missing("mouse or tablet"))?,
-            )
+            Some(pointers.first().ok_or_else(|| missing("mouse or tablet"))?)
         } else {
             None
         };
@@ -407,7 +553,7 @@ impl<'a> Session<'a> {
     }
 
     fn keyboard(&self) -> Result<(), (String, String)> {
-        if self.target.keyboards.is_empty() {
+        if self.target.keyboards().is_empty() {
             return Err((
                 "DeviceNotFound".into(),
                 "no keyboard ([[device]] kind = \"keyboard\")".into(),
@@ -418,7 +564,12 @@ impl<'a> Session<'a> {
 
     /// A key event to the first keyboard (QMP's default device).
     fn press(&self, usage: u8, down: bool) -> Result<(), (String, String)> {
-        if self.target.keyboards[0].key(usage, down) {
+        if self
+            .target
+            .keyboards()
+            .first()
+            .is_some_and(|k| k.key(usage, down))
+        {
             Ok(())
         } else {
             Err((

@@ -54,12 +54,29 @@ fn bed() -> Bed {
         hcd_emul::hid::HidDevice::with_kind(hcd_emul::hid::Kind::Tablet, Speed::Full).unwrap();
     let mut x = Controller::new(Model::Uhci, hcd_emul::GuestRam::anonymous(1 << 20));
     let capture = hcd_emul::capture::CaptureSwitch::default();
-    x.attach(Box::new(hcd_emul::capture::Captured::new(
-        Box::new(kbd),
-        capture.clone(),
-    )))
-    .unwrap();
-    x.attach(Box::new(tab)).unwrap();
+    let p0 = x
+        .attach(Box::new(hcd_emul::capture::Captured::new(
+            Box::new(kbd),
+            capture.clone(),
+        )))
+        .unwrap();
+    let p1 = x.attach(Box::new(tab)).unwrap();
+    let plugged = vec![
+        crate::Plugged {
+            id: "device[0]".into(),
+            port: p0,
+            kind: DeviceKind::Keyboard,
+            input: Some(handle.clone()),
+            capture,
+        },
+        crate::Plugged {
+            id: "device[1]".into(),
+            port: p1,
+            kind: DeviceKind::Tablet,
+            input: Some(tablet.clone()),
+            capture: Default::default(),
+        },
+    ];
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let mailbox = Mailbox::new(Box::new(move || {
         let _ = tx.send(());
@@ -76,13 +93,7 @@ fn bed() -> Bed {
     let quit = Arc::new(AtomicBool::new(false));
     let control = Control::start(
         &path,
-        Target {
-            mailbox,
-            keyboards: vec![handle.clone()],
-            pointers: vec![tablet.clone()],
-            captures: vec![(0, capture.clone())],
-            quit: quit.clone(),
-        },
+        Target::new(mailbox, Model::Uhci, plugged, quit.clone()),
     )
     .unwrap();
     Bed {
@@ -382,4 +393,154 @@ fn capture_start_and_stop_by_device_index_with_every_field_checked() {
         err(c.cmd(json!({"execute": "capture-stop", "arguments": {"device": 0}})))
             .contains("no capture")
     );
+}
+
+#[test]
+fn device_add_and_del_with_events_to_every_negotiated_client() {
+    let b = bed();
+    let mut c = Client::ready(&b);
+    let mut watcher = Client::ready(&b);
+    let img = b.path.with_file_name("hot.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let f = img.to_str().unwrap();
+    let err = |v: &Value| v["error"]["desc"].as_str().unwrap_or("").to_string();
+    // Refused, each with the reason, nothing plugged in.
+    let cases = [
+        (json!({"kind": "storage", "image": f}), "'id'"),
+        (
+            json!({"id": "", "kind": "storage", "image": f}),
+            "'id' must be",
+        ),
+        (
+            json!({"id": "9x", "kind": "storage", "image": f}),
+            "'id' must be",
+        ),
+        (
+            json!({"id": "a b", "kind": "storage", "image": f}),
+            "'id' must be",
+        ),
+        (
+            json!({"id": "x".repeat(65), "kind": "storage", "image": f}),
+            "'id' must be",
+        ),
+        (
+            json!({"id": "s", "kind": "storage", "image": "rel.img"}),
+            "absolute",
+        ),
+        (json!({"id": "s", "kind": "storage"}), "s.image: required"),
+        (
+            json!({"id": "s", "kind": "storage", "image": "/nonexistent.img"}),
+            "/nonexistent.img",
+        ),
+        (json!({"id": "s", "kind": "floppy"}), "unknown variant"),
+        (
+            json!({"id": "s", "kind": "storage", "image": f, "colour": 1}),
+            "unknown field",
+        ),
+        (
+            json!({"id": "s", "kind": "storage", "image": f, "readonly": "yes"}),
+            "invalid type",
+        ),
+        (
+            json!({"id": "s", "kind": "storage", "image": f, "speed": "high"}),
+            "UHCI is full",
+        ),
+        (
+            json!({"id": "s", "kind": "storage", "image": f, "uas": true, "speed": "full"}),
+            "UAS needs",
+        ),
+        (
+            json!({"id": "s", "kind": "keyboard", "image": f}),
+            "not for an input device",
+        ),
+        (
+            json!({"id": "device[0]", "kind": "keyboard"}),
+            "'id' must be",
+        ),
+    ];
+    for (args, want) in cases {
+        let r = c.cmd(json!({"execute": "device_add", "arguments": args.clone()}));
+        assert!(err(&r).contains(want), "{args}: {r}");
+    }
+    let devs = |c: &mut Client| -> Vec<Value> {
+        c.cmd(json!({"execute": "query-usb"}))["return"]["devices"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(devs(&mut c).len(), 2);
+    // The UHCI's two ports are taken: refused, nothing left behind.
+    let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "stick", "kind": "storage", "image": f}}));
+    assert!(err(&r).contains("stick: "), "{r}");
+    assert_eq!(devs(&mut c).len(), 2);
+    // A configured device goes by device[N]: the tablet leaves.
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "device[1]"}}));
+    assert_eq!(r, json!({"return": {}}));
+    let ev = watcher.read().expect("an event");
+    assert_eq!(ev["event"], "DEVICE_DELETED", "{ev}");
+    assert_eq!(ev["data"]["device"], "device[1]");
+    assert!(ev["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(
+        c.read().unwrap()["event"],
+        "DEVICE_DELETED",
+        "the sender's too"
+    );
+    assert_eq!(devs(&mut c).len(), 1);
+    // Added: a stick on the freed port; its id shows in query-usb.
+    let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "stick", "kind": "storage", "image": f}, "id": 5}));
+    assert_eq!(r["id"], 5, "{r}");
+    let port = r["return"]["port"].as_str().expect("a port").to_string();
+    assert_eq!(r["return"]["id"], "stick");
+    let ev = watcher.read().expect("an event");
+    assert_eq!(ev["event"], "DEVICE_ADDED");
+    assert_eq!(ev["data"], json!({"device": "stick", "port": port}));
+    assert_eq!(c.read().unwrap()["event"], "DEVICE_ADDED");
+    let list = devs(&mut c);
+    let stick: Vec<_> = list.iter().filter(|d| d["id"] == "stick").collect();
+    assert_eq!(stick.len(), 1, "{list:?}");
+    assert!(
+        stick[0]["device"].as_str().unwrap().contains("hot.img"),
+        "{list:?}"
+    );
+    assert_eq!(list.iter().filter(|d| d["id"] == "device[0]").count(), 1);
+    // The same id again: refused before anything is built.
+    let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "stick", "kind": "storage", "image": f}}));
+    assert!(err(&r).contains("Duplicate device ID"), "{r}");
+    // Deleted: gone; unknown ids and bad arguments refused.
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "stick"}}));
+    assert_eq!(r, json!({"return": {}}));
+    let ev = watcher.read().expect("an event");
+    assert_eq!(ev["event"], "DEVICE_DELETED");
+    assert_eq!(ev["data"], json!({"device": "stick", "port": port}));
+    assert_eq!(c.read().unwrap()["event"], "DEVICE_DELETED");
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "stick"}}));
+    assert_eq!(class(&r), "DeviceNotFound", "{r}");
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": 3}}));
+    assert!(err(&r).contains("'id'"), "{r}");
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "x", "force": true}}));
+    assert!(err(&r).contains("'force' is unexpected"), "{r}");
+    // A tablet added takes pointer input at once.
+    let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "tab2", "kind": "tablet"}}));
+    assert!(r["return"]["port"].is_string(), "{r}");
+    assert_eq!(c.read().unwrap()["event"], "DEVICE_ADDED");
+    let r = c.cmd(
+        json!({"execute": "input-send-event", "arguments": {"events": [
+        {"type": "abs", "data": {"axis": "x", "value": 1}}]}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(b.tablet.pending(), 0, "not the unplugged tablet's");
+}
+
+#[test]
+fn an_event_reaches_a_client_only_after_negotiation() {
+    let b = bed();
+    let (mut early, _) = Client::connect(&b);
+    let mut c = Client::ready(&b);
+    let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "device[1]"}}));
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(c.read().unwrap()["event"], "DEVICE_DELETED");
+    // The client that never negotiated gets the answer to its command
+    // and no event before it.
+    let r = early.cmd(json!({"execute": "query-status"}));
+    assert_eq!(class(&r), "CommandNotFound", "{r}");
 }
