@@ -58,6 +58,8 @@ pub fn build_controller(
 pub struct Inputs {
     /// In the order they were plugged in.
     pub devices: Vec<Plugged>,
+    /// The controller's reset count.
+    pub resets: Option<hcd_emul::controller::ResetCount>,
 }
 
 /// One device plugged into the controller.
@@ -74,6 +76,8 @@ pub struct Plugged {
     pub input: Option<hcd_emul::hid::InputHandle>,
     /// Its capture switch.
     pub capture: hcd_emul::capture::CaptureSwitch,
+    /// A host device's monitor (whether it is plugged in on the host).
+    pub host: Option<passthrough::HostMonitor>,
 }
 
 /// A device built from its configuration, not plugged in yet.
@@ -84,6 +88,8 @@ pub struct Built {
     pub capture: hcd_emul::capture::CaptureSwitch,
     /// An emulated HID device's input.
     pub input: Option<hcd_emul::hid::InputHandle>,
+    /// A host device's monitor.
+    pub host: Option<passthrough::HostMonitor>,
     /// For the log: what it is.
     pub desc: String,
 }
@@ -114,6 +120,7 @@ pub fn build_with(
 ) -> anyhow::Result<Controller> {
     let mut x = Controller::new(model, ram);
     x.completion_queue().set_waker(waker);
+    inputs.resets = Some(x.reset_count());
     for (i, d) in devices.iter().enumerate() {
         attach_device(&mut x, i, d, inputs)?;
     }
@@ -141,6 +148,7 @@ pub fn attach_device(
         kind: d.kind,
         input: b.input,
         capture: b.capture,
+        host: b.host,
     });
     Ok(())
 }
@@ -150,6 +158,7 @@ pub fn attach_device(
 /// errors name `label` (`device[N]`, or `device_add`'s id) and the key.
 pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Result<Built> {
     use hcd_emul::capture::{CaptureSwitch, Captured};
+    let mut host = None;
     let (dev, input, desc): (Box<dyn hcd_emul::usb::UsbDevice>, _, _) = match d.kind {
         config::DeviceKind::Storage => {
             let img = d
@@ -221,6 +230,7 @@ pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Re
                 ),
                 None => format!("host {rule} (not plugged in yet)"),
             };
+            host = Some(dev.monitor());
             (Box::new(dev), None, desc)
         }
     };
@@ -235,6 +245,7 @@ pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Re
         dev: Box::new(Captured::new(dev, capture.clone())),
         capture,
         input,
+        host,
         desc,
     })
 }

@@ -65,6 +65,21 @@ pub enum Controller {
     Uhci(Uhci),
 }
 
+/// How often a controller was reset (shared: a cheap clone of a counter).
+#[derive(Debug, Clone, Default)]
+pub struct ResetCount(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl ResetCount {
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 macro_rules! each {
     ($self:expr, $c:ident => $e:expr) => {
         match $self {
@@ -92,6 +107,13 @@ impl Controller {
             Controller::Ehci(_) => Model::Ehci,
             Controller::Uhci(_) => Model::Uhci,
         }
+    }
+
+    /// A handle on the count of the controller's resets (the guest's
+    /// HCRESET and the transport's device resets), readable from any
+    /// thread.
+    pub fn reset_count(&self) -> ResetCount {
+        each!(self, c => c.reset_count())
     }
 
     /// The queue devices post completions to.

@@ -31,13 +31,19 @@ if [ "$MODE" = idle ]; then
   # the host measures CPU.
   modprobe $HCMOD; modprobe usb-storage; modprobe sd_mod
   modprobe evdev 2>/dev/null; modprobe usbhid; modprobe hid-generic
-  [ "$HC" = none ] || wait_sda 60
-  # A keyboard, if there is one, bound by usbhid and its evdev node held
+  # (nostick=1: HID devices only, no stick to wait for)
+  [ "$HC" = none ] || [ "$(arg nostick)" = 1 ] || wait_sda 60
+  # A keyboard and a tablet, if there are, bound by usbhid and their evdev nodes held
   # open (as a console or X would): usbhid keeps an interrupt IN transfer
   # queued on it while the guest idles.
   sleep 2
+  # (nostick=1: up to 30 s more for both, keyboard and tablet)
+  i=0
+  while [ "$(arg nostick)" = 1 ] && [ "$(cat /sys/class/input/event*/device/name 2>/dev/null | grep -c -E 'Keyboard|Tablet')" -lt 2 ] && [ $i -lt 60 ]; do
+    usleep 500000; i=$((i + 1))
+  done
   for d in /sys/class/input/event*; do
-    grep -q "Keyboard" "$d/device/name" 2>/dev/null || continue
+    grep -q -E "Keyboard|Tablet" "$d/device/name" 2>/dev/null || continue
     cat "/dev/input/${d##*/}" > /dev/null &
     echo "IDLE-HID bound and open: ${d##*/}"
   done

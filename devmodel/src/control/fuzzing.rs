@@ -67,6 +67,7 @@ impl FuzzControl {
                     kind,
                     input: Some(input),
                     capture,
+                    host: None,
                 });
             }
         }

@@ -63,6 +63,15 @@ pub struct Target {
     pub events: Arc<Events>,
     /// Set by `quit` (the transport's loop stops; the mailbox wakes it).
     pub quit: Arc<AtomicBool>,
+    /// The controller's reset count (for `CONTROLLER_RESET`).
+    pub resets: Option<hcd_emul::controller::ResetCount>,
+}
+
+/// What the watcher saw last (see [`Target::watch`]).
+#[derive(Debug, Default)]
+struct Seen {
+    resets: Option<u64>,
+    hosts: Vec<(String, bool)>,
 }
 
 impl Target {
@@ -79,7 +88,52 @@ impl Target {
             devices: Arc::new(Mutex::new(devices)),
             events: Arc::default(),
             quit,
+            resets: None,
         }
+    }
+
+    /// With the controller's reset count watched.
+    pub fn with_resets(mut self, resets: Option<hcd_emul::controller::ResetCount>) -> Self {
+        self.resets = resets;
+        self
+    }
+
+    /// Emits the events of what changed since `seen` without a command:
+    /// `CONTROLLER_RESET` (`{"resets": N}`, the count since start) when the
+    /// guest reset the controller, `USB_HOST_DISCONNECTED` /
+    /// `USB_HOST_CONNECTED` (`{"device": ID, "port": PORT}`) when a host
+    /// device left or came back on the host. Called by the accept loop
+    /// (at least every 200 ms).
+    fn watch(&self, seen: &mut Seen) {
+        if let Some(r) = &self.resets {
+            let n = r.get();
+            if seen.resets.is_some_and(|s| s != n) {
+                self.events
+                    .emit("CONTROLLER_RESET", serde_json::json!({"resets": n}));
+            }
+            seen.resets = Some(n);
+        }
+        let now: Vec<(String, bool, String)> = self
+            .plugged()
+            .iter()
+            .filter_map(|p| {
+                let m = p.host.as_ref()?;
+                Some((p.id.clone(), m.connected(), p.port.to_string()))
+            })
+            .collect();
+        for (id, up, port) in &now {
+            let before = seen.hosts.iter().find(|(i, _)| i == id).map(|(_, u)| *u);
+            if before.is_some_and(|b| b != *up) {
+                let name = if *up {
+                    "USB_HOST_CONNECTED"
+                } else {
+                    "USB_HOST_DISCONNECTED"
+                };
+                self.events
+                    .emit(name, serde_json::json!({"device": id, "port": port}));
+            }
+        }
+        seen.hosts = now.into_iter().map(|(i, u, _)| (i, u)).collect();
     }
 
     fn plugged(&self) -> std::sync::MutexGuard<'_, Vec<Plugged>> {
@@ -210,8 +264,10 @@ fn readable(fd: i32, ms: i32) -> bool {
 fn accept_loop(listener: &UnixListener, target: &Arc<Target>, stop: &Arc<AtomicBool>) {
     let clients = Arc::new(AtomicUsize::new(0));
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut seen = Seen::default();
     while !stop.load(Ordering::Relaxed) {
         threads.retain(|t| !t.is_finished());
+        target.watch(&mut seen);
         if !readable(listener.as_raw_fd(), 200) {
             continue;
         }

@@ -231,7 +231,7 @@ impl<'a> Session<'a> {
             Ok(b) => b,
             Err(e) => return generic(format!("{e:#}")),
         };
-        let (desc, capture, input) = (b.desc, b.capture, b.input);
+        let (desc, capture, input, host) = (b.desc, b.capture, b.input, b.host);
         let dev = b.dev;
         let port = match self
             .target
@@ -259,6 +259,7 @@ impl<'a> Session<'a> {
             kind: d.kind,
             input,
             capture,
+            host,
         });
         drop(plugged);
         tracing::info!("control: {id}: {desc} on {port}");

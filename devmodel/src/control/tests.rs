@@ -33,6 +33,7 @@ struct Bed {
     tablet: InputHandle,
     quit: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
+    mailbox: Mailbox,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -61,6 +62,7 @@ fn bed() -> Bed {
         )))
         .unwrap();
     let p1 = x.attach(Box::new(tab)).unwrap();
+    let resets = x.reset_count();
     let plugged = vec![
         crate::Plugged {
             id: "device[0]".into(),
@@ -68,6 +70,7 @@ fn bed() -> Bed {
             kind: DeviceKind::Keyboard,
             input: Some(handle.clone()),
             capture,
+            host: None,
         },
         crate::Plugged {
             id: "device[1]".into(),
@@ -75,6 +78,7 @@ fn bed() -> Bed {
             kind: DeviceKind::Tablet,
             input: Some(tablet.clone()),
             capture: Default::default(),
+            host: None,
         },
     ];
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -93,7 +97,7 @@ fn bed() -> Bed {
     let quit = Arc::new(AtomicBool::new(false));
     let control = Control::start(
         &path,
-        Target::new(mailbox, Model::Uhci, plugged, quit.clone()),
+        Target::new(mailbox.clone(), Model::Uhci, plugged, quit.clone()).with_resets(Some(resets)),
     )
     .unwrap();
     Bed {
@@ -104,6 +108,7 @@ fn bed() -> Bed {
         tablet,
         quit,
         done,
+        mailbox,
         thread: Some(thread),
     }
 }
@@ -543,4 +548,26 @@ fn an_event_reaches_a_client_only_after_negotiation() {
     // and no event before it.
     let r = early.cmd(json!({"execute": "query-status"}));
     assert_eq!(class(&r), "CommandNotFound", "{r}");
+}
+
+#[test]
+fn a_guest_reset_of_the_controller_is_an_event() {
+    let b = bed();
+    let mut c = Client::ready(&b);
+    // The guest: I/O space on, then HCRESET in USBCMD.
+    b.mailbox
+        .call(|pci| {
+            pci.config_write(4, &1u16.to_le_bytes());
+            let cmd = hcd_emul::uhci::regs::CMD_HCRESET;
+            pci.bar_write(4, hcd_emul::uhci::regs::REG_USBCMD, &cmd.to_le_bytes());
+        })
+        .unwrap();
+    let ev = c.read().expect("an event");
+    assert_eq!(ev["event"], "CONTROLLER_RESET", "{ev}");
+    assert!(ev["data"]["resets"].as_u64().unwrap() >= 1, "{ev}");
+    // Once per reset: a command answered next, no second event.
+    assert_eq!(
+        c.cmd(json!({"execute": "query-status"}))["return"]["running"],
+        true
+    );
 }

@@ -157,6 +157,8 @@ pub struct EhciStats {
 pub struct Ehci {
     ram: GuestRam,
     queue: CompletionQueue,
+    /// Guest-requested resets (HCRESET), for watchers on other threads.
+    resets: crate::controller::ResetCount,
     usbcmd: u32,
     usbsts: u32,
     usbintr: u32,
@@ -216,6 +218,7 @@ impl Ehci {
         let mut e = Ehci {
             ram,
             queue: CompletionQueue::new(),
+            resets: Default::default(),
             usbcmd: CMD_DEFAULT,
             usbsts: STS_HCHALTED,
             usbintr: 0,
@@ -253,6 +256,11 @@ impl Ehci {
         }
         e.hc_reset();
         e
+    }
+
+    /// How often the guest reset the controller (a handle for watchers).
+    pub fn reset_count(&self) -> crate::controller::ResetCount {
+        self.resets.clone()
     }
 
     /// The queue devices post completions to; transports install a waker.
@@ -465,6 +473,7 @@ impl Ehci {
     /// HCRESET (§2.3.1): registers to their defaults, schedules stopped,
     /// transfers cancelled; devices stay plugged in.
     fn hc_reset(&mut self) {
+        self.resets.bump();
         self.cancel_all();
         self.usbcmd = CMD_DEFAULT;
         self.usbsts = STS_HCHALTED;

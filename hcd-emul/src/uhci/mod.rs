@@ -110,6 +110,8 @@ pub struct UhciStats {
 pub struct Uhci {
     ram: GuestRam,
     queue: CompletionQueue,
+    /// Guest-requested resets (HCRESET), for watchers on other threads.
+    resets: crate::controller::ResetCount,
     usbcmd: u16,
     usbsts: u16,
     usbintr: u16,
@@ -160,6 +162,7 @@ impl Uhci {
         let mut u = Uhci {
             ram,
             queue: CompletionQueue::new(),
+            resets: Default::default(),
             usbcmd: 0,
             usbsts: STS_HCH,
             usbintr: 0,
@@ -196,6 +199,11 @@ impl Uhci {
         };
         u.hc_reset();
         u
+    }
+
+    /// How often the guest reset the controller (a handle for watchers).
+    pub fn reset_count(&self) -> crate::controller::ResetCount {
+        self.resets.clone()
     }
 
     /// The queue devices post completions to; transports install a waker.
@@ -346,6 +354,7 @@ impl Uhci {
     /// HCRESET (§2.1.1): registers to their defaults, transfers
     /// cancelled, ports reset; connected devices show a new connection.
     fn hc_reset(&mut self) {
+        self.resets.bump();
         self.cancel_all();
         self.owed.clear();
         self.usbcmd = 0;

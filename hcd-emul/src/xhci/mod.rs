@@ -208,6 +208,8 @@ pub struct XhciStats {
 pub struct Xhci {
     ram: GuestRam,
     queue: CompletionQueue,
+    /// Guest-requested resets (HCRESET), for watchers on other threads.
+    resets: crate::controller::ResetCount,
     usbcmd: u32,
     usbsts: u32,
     dnctrl: u32,
@@ -254,6 +256,7 @@ impl Xhci {
         let mut x = Xhci {
             ram,
             queue: CompletionQueue::new(),
+            resets: Default::default(),
             usbcmd: 0,
             usbsts: USBSTS_HCH,
             dnctrl: 0,
@@ -278,6 +281,11 @@ impl Xhci {
         };
         x.hc_reset();
         x
+    }
+
+    /// How often the guest reset the controller (a handle for watchers).
+    pub fn reset_count(&self) -> crate::controller::ResetCount {
+        self.resets.clone()
     }
 
     /// The queue devices post completions to; transports install a waker.
@@ -369,6 +377,7 @@ impl Xhci {
 
     /// HCRST: everything but attached devices back to power-on state.
     fn hc_reset(&mut self) {
+        self.resets.bump();
         for s in 1..=MAX_SLOTS {
             self.drop_slot_transfers(s);
             self.free_slot_streams(s);

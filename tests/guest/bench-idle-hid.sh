@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Idle cost of emulated input devices: a guest with a keyboard and a tablet
+# (usbhid bound, both evdev nodes held open, as a desktop would: usbhid
+# then keeps an interrupt IN transfer queued on each) idles 30 s; over 20 s
+# of it, the CPU of our process (keyboard + tablet on our controller over
+# vfio-user), and the CPU QEMU's own controller with usb-kbd + usb-tablet
+# adds to the same idle guest (QEMU with them minus QEMU without USB), same
+# QEMU, same kernel, one run. Prints a Markdown table row per controller.
+# Usage: bench-idle-hid.sh [CONTROLLERS (default "xhci ehci uhci")] [KERNEL]
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+. "$HERE/lib.sh"
+eval "$("$HERE/fetch.sh" 2>/dev/null)"
+HCS=${1:-xhci ehci uhci}
+K=${2:-${KERNELS%% *}}
+(cd "$ROOT" && cargo build --release -q -p devmodel)
+DM=$ROOT/target/release/xen-usb-dm
+W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
+# idle_cpu LOG PIDFILE: waits for the guest's IDLE-START, then the % of a
+# core the process used over 20 s.
+idle_cpu() {
+  local log=$1 pidf=$2 t0 t1 c0 c1 pid
+  for _ in $(seq 1800); do grep -q IDLE-START "$log" 2>/dev/null && break; sleep 0.5; done
+  sleep 2
+  pid=$(cat "$pidf")
+  c0=$(ticks "$pid"); t0=$(date +%s.%N); sleep 20; c1=$(ticks "$pid"); t1=$(date +%s.%N)
+  awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.2f", 100 * c / hz / (t1 - t0)}'
+}
+qemu_idle() { # TAG HC then -device args: QEMU's CPU
+  local tag=$1 hc=$2 name="bench-idle-hid-$1-$$"; shift 2
+  EXTRA_MODULES=drivers/input APPEND="mode=idle nostick=1 hc=$hc" "$HERE/boot.sh" "$K" "$W/q-$tag.log" -name "$name" "$@" &
+  local b=$!
+  for _ in $(seq 300); do pgrep -n -f "qemu-system.* -name $name" > "$W/q.pid" && break; sleep 0.2; done
+  idle_cpu "$W/q-$tag.log" "$W/q.pid"; wait $b || true
+}
+bound() { # LOG: how many HID nodes the guest held open
+  grep -c 'IDLE-HID bound and open' "$1" || true
+}
+echo "bench-idle-hid: kernel $K, QEMU $QEMU_VERSION, $(nproc) CPUs, $(date -u +%F)" >&2
+q0=$(qemu_idle none none)
+echo "| controller | ours: our process (% of a core) | QEMU's controller + usb-kbd + usb-tablet (QEMU with minus without USB) |"
+echo "|---|---|---|"
+for hc in $HCS; do
+  case $hc in xhci) qdev=qemu-xhci ;; ehci) qdev=usb-ehci ;; uhci) qdev=piix3-usb-uhci ;; esac
+  NOSTICK=true KBD=true TABLET=true HC=$hc start_dm "$DM" "$W" false "$W/dm-$hc.log"; echo "$DM_PID" > "$W/dm.pid"
+  EXTRA_MODULES=drivers/input APPEND="mode=idle nostick=1 hc=$hc" "$HERE/boot.sh" "$K" "$W/ours-$hc.log" -device "$(vfio_dev "$W")" &
+  b=$!
+  ours=$(idle_cpu "$W/ours-$hc.log" "$W/dm.pid"); wait $b || true; stop_dm
+  q=$(qemu_idle "$hc" "$hc" -device $qdev,id=hc -device usb-kbd,bus=hc.0 -device usb-tablet,bus=hc.0)
+  no=$(bound "$W/ours-$hc.log") nq=$(bound "$W/q-$hc.log")
+  if [ "$no" != 2 ] || [ "$nq" != 2 ]; then
+    echo "bench-idle-hid: $hc: the guest held $no of our HID nodes and $nq of QEMU's open, not 2" >&2; exit 1
+  fi
+  awk -v hc="$hc" -v qd="$qdev" -v o="$ours" -v q="$q" -v z="$q0" \
+    'BEGIN {printf "| %s | %.2f | %.2f (%s: %.2f - %.2f) |\n", hc, o, q - z, qd, q, z}'
+done
