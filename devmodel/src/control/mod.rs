@@ -13,7 +13,9 @@
 //! btn/rel/abs for the mouse or tablet), `send-key` (QMP's: press in
 //! order, hold, release in reverse), `capture-start`/`capture-stop`,
 //! `quit`. Events (QMP's form, to every negotiated client): `DEVICE_ADDED`
-//! and `DEVICE_DELETED` (`{"device": ID, "port": PORT}`). Access is the
+//! and `DEVICE_DELETED` (`{"device": ID, "port": PORT}`), `USB_HOST_DISCONNECTED`
+//! and `USB_HOST_CONNECTED` (a host device left or came back on the host),
+//! `CONTROLLER_RESET` (`{"resets": N}`: the guest reset the controller). Access is the
 //! socket's file permissions (0600, owner only). Every field is validated;
 //! input is capped (1 MiB pending, 8 clients, 64 events per command, 32
 //! added devices, 256 queued events per client).
