@@ -331,8 +331,22 @@ pub fn check(path: &Path, paths: &HostPaths) -> Vec<Problem> {
         if cfg.controller.is_none() || d.kind == DeviceKind::Host {
             continue;
         }
+        // An evdev source is not started (it would grab the device): its
+        // node is looked at here. Missing is a problem worth a line even
+        // though start-up waits for it (it looks again every second).
+        if let Some(p) = &d.evdev {
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(p) {
+                out.push(problem(
+                    format!("device[{i}].evdev"),
+                    format!("{}: {e} (start-up waits for it)", p.display()),
+                ));
+            }
+        }
         let d = config::Device {
             capture: None,
+            evdev: None,
+            grab: None,
+            grab_toggle: None,
             ..d.clone()
         };
         let mut x = hcd_emul::controller::Controller::new(

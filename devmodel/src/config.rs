@@ -186,6 +186,16 @@ pub struct Device {
     pub product: Option<u16>,
     /// Host: serial number string (with `vendor` and `product`).
     pub serial: Option<String>,
+    /// Keyboard, mouse, tablet: a host evdev node as the input source
+    /// (e.g. "/dev/input/by-id/usb-...-event-kbd").
+    pub evdev: Option<PathBuf>,
+    /// With `evdev`: take the node exclusively while the guest has it
+    /// (default true).
+    pub grab: Option<bool>,
+    /// With `evdev`: the keys that hand the device between host and guest
+    /// ("ctrl-ctrl", the default, "alt-alt", "shift-shift", "meta-meta",
+    /// "scrolllock", "ctrl-scrolllock").
+    pub grab_toggle: Option<String>,
 }
 
 impl Device {
@@ -239,6 +249,19 @@ impl Device {
                 }
             }
         }
+        let input_keys = [
+            ("evdev", self.evdev.is_some()),
+            ("grab", self.grab.is_some()),
+            ("grab_toggle", self.grab_toggle.is_some()),
+        ];
+        if matches!(self.kind, DeviceKind::Storage | DeviceKind::Host) {
+            if let Some(k) = first_set(&input_keys) {
+                return Err(invalid(
+                    format!("{label}.{k}"),
+                    "only for an input device (keyboard, mouse, tablet)".into(),
+                ));
+            }
+        }
         match self.kind {
             DeviceKind::Storage => {
                 let Some(img) = &self.image else {
@@ -272,6 +295,33 @@ impl Device {
                 }
             }
             DeviceKind::Keyboard | DeviceKind::Mouse | DeviceKind::Tablet => {
+                if let Some(p) = &self.evdev {
+                    if !p.is_absolute() {
+                        return Err(invalid(
+                            format!("{label}.evdev"),
+                            "must be an absolute path (/dev/input/...)".into(),
+                        ));
+                    }
+                } else if let Some(k) = first_set(&[
+                    ("grab", self.grab.is_some()),
+                    ("grab_toggle", self.grab_toggle.is_some()),
+                ]) {
+                    return Err(invalid(
+                        format!("{label}.{k}"),
+                        "only with evdev = \"/dev/input/...\"".into(),
+                    ));
+                }
+                if let Some(t) = &self.grab_toggle {
+                    if crate::evdev_source::Toggle::parse(t).is_none() {
+                        return Err(invalid(
+                            format!("{label}.grab_toggle"),
+                            format!(
+                                "{t:?}: one of {}",
+                                crate::evdev_source::Toggle::NAMES.join(", ")
+                            ),
+                        ));
+                    }
+                }
                 let storage_keys = [
                     ("image", self.image.is_some()),
                     ("readonly", self.readonly),
@@ -676,6 +726,33 @@ mod tests {
                 serial: Some("X1".into())
             })
         );
+    }
+
+    #[test]
+    fn evdev_keys_are_checked() {
+        let base = "[controller]\nmodel = \"xhci\"\n[transport]\nkind = \"vfio-user\"\nsocket = \"/tmp/x.sock\"\n";
+        let ok = parse(&format!(
+            "{base}[[device]]\nkind = \"keyboard\"\nevdev = \"/dev/input/event3\"\ngrab = false\ngrab_toggle = \"alt-alt\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.devices[0].grab_toggle.as_deref(), Some("alt-alt"));
+        for (dev, key) in [
+            ("kind = \"keyboard\"\nevdev = \"event3\"", "device[0].evdev"),
+            ("kind = \"tablet\"\ngrab = true", "device[0].grab"),
+            (
+                "kind = \"mouse\"\nevdev = \"/dev/input/event3\"\ngrab_toggle = \"ctrl\"",
+                "device[0].grab_toggle",
+            ),
+            (
+                "kind = \"host\"\nbus = 1\naddr = 2\nevdev = \"/dev/input/event3\"",
+                "device[0].evdev",
+            ),
+        ] {
+            let e = parse(&format!("{base}[[device]]\n{dev}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{dev}: {e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod evdev_source;
 mod evloop;
 pub mod mailbox;
 pub mod qmp;
@@ -78,6 +79,9 @@ pub struct Plugged {
     pub capture: hcd_emul::capture::CaptureSwitch,
     /// A host device's monitor (whether it is plugged in on the host).
     pub host: Option<passthrough::HostMonitor>,
+    /// An input device's evdev source: it runs until the last clone of
+    /// this goes (the device unplugged, the process ending).
+    pub source: Option<Arc<evdev_source::EvdevSource>>,
 }
 
 /// A device built from its configuration, not plugged in yet.
@@ -90,6 +94,8 @@ pub struct Built {
     pub input: Option<hcd_emul::hid::InputHandle>,
     /// A host device's monitor.
     pub host: Option<passthrough::HostMonitor>,
+    /// An input device's evdev source (runs while this lives).
+    pub source: Option<Arc<evdev_source::EvdevSource>>,
     /// For the log: what it is.
     pub desc: String,
 }
@@ -149,6 +155,7 @@ pub fn attach_device(
         input: b.input,
         capture: b.capture,
         host: b.host,
+        source: b.source,
     });
     Ok(())
 }
@@ -159,6 +166,7 @@ pub fn attach_device(
 pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Result<Built> {
     use hcd_emul::capture::{CaptureSwitch, Captured};
     let mut host = None;
+    let mut source = None;
     let (dev, input, desc): (Box<dyn hcd_emul::usb::UsbDevice>, _, _) = match d.kind {
         config::DeviceKind::Storage => {
             let img = d
@@ -212,7 +220,23 @@ pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Re
             let (dev, input) = HidDevice::with_kind(kind, speed)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| label.to_owned())?;
-            let desc = hcd_emul::usb::UsbDevice::name(&dev);
+            let mut desc = hcd_emul::usb::UsbDevice::name(&dev);
+            if let Some(path) = &d.evdev {
+                let opts = evdev_source::EvdevOptions {
+                    path: path.clone(),
+                    grab: d.grab.unwrap_or(true),
+                    toggle: d
+                        .grab_toggle
+                        .as_deref()
+                        .and_then(evdev_source::Toggle::parse)
+                        .unwrap_or(evdev_source::Toggle::CtrlCtrl),
+                };
+                source = Some(Arc::new(
+                    evdev_source::EvdevSource::start(opts, input.clone())
+                        .with_context(|| format!("{label}.evdev"))?,
+                ));
+                desc = format!("{desc}, input from {}", path.display());
+            }
             (Box::new(dev), Some(input), desc)
         }
         config::DeviceKind::Host => {
@@ -246,6 +270,7 @@ pub fn build_device(model: Model, label: &str, d: &config::Device) -> anyhow::Re
         capture,
         input,
         host,
+        source,
         desc,
     })
 }
@@ -292,7 +317,7 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
     );
     let quit = Arc::new(AtomicBool::new(false));
     let mailbox = mailbox::Mailbox::new(server.waker()?);
-    let _control = start_control(cfg, &mailbox, &inputs, &quit)?;
+    let _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
     server.run_with(
         |_| stop() || quit.load(Ordering::Relaxed),
         |pci| mailbox.run(pci),
@@ -305,7 +330,7 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
 fn start_control(
     cfg: &Config,
     mailbox: &mailbox::Mailbox,
-    inputs: &Inputs,
+    inputs: &mut Inputs,
     quit: &Arc<AtomicBool>,
 ) -> anyhow::Result<Option<control::Control>> {
     let Some(c) = &cfg.control else {
@@ -387,7 +412,7 @@ pub fn run_xen(
     let mut server = xen_server(cfg, model_of(cfg), true, domid, sbdf, &mut inputs)?;
     let quit = Arc::new(AtomicBool::new(false));
     let mailbox = mailbox::Mailbox::new(server.waker()?);
-    let _control = start_control(cfg, &mailbox, &inputs, &quit)?;
+    let _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
     deprivilege(t)?;
     info!(
         "xen-usb-dm: ready: serving {:?} to domain {domid} at {}",

@@ -18,8 +18,11 @@
 # devices runs the UHCI checks (vmtest_uhci): the full-speed stick and the
 # keyboard on our UHCI's two ports, the high-speed stick refused.
 #
-# Usage: tests/passthrough/run.sh [check | xhci | ehci | uhci | bench [MiB]]
-# (check = xhci + ehci + uhci).
+# A fourth VM checks the evdev input sources (evdev_vmtest, devmodel's
+# example): uinput devices as the host's keyboard and tablet.
+#
+# Usage: tests/passthrough/run.sh [check | xhci | ehci | uhci | evdev | bench [MiB]]
+# (check = xhci + ehci + uhci + evdev).
 # Env: PT_KERNEL (default: the first of fetch.sh's kernels), PT_LOG (the
 # backend's tracing filter inside the VM, default info).
 set -euo pipefail
@@ -28,10 +31,11 @@ ROOT=$(cd "$HERE/../.." && pwd)
 MODE=${1:-check}
 ARG=${2:-}
 eval "$("$ROOT/tests/guest/fetch.sh")"
-(cd "$ROOT" && cargo build --release -q -p passthrough --example vmtest --example vmtest_ehci --example vmtest_uhci)
+(cd "$ROOT" && cargo build --release -q -p passthrough --example vmtest --example vmtest_ehci --example vmtest_uhci \
+  && cargo build --release -q -p devmodel --example evdev_vmtest)
 K=${PT_KERNEL:-${KERNELS%% *}}
 export GUEST_SCRIPT=$HERE/guest.sh GUEST_MEM=1024 TIMEOUT=${PT_TIMEOUT:-290}
-export EXTRA_MODULES="fs/9p net/9p fs/netfs fs/fscache drivers/virtio"
+export EXTRA_MODULES="fs/9p net/9p fs/netfs fs/fscache drivers/virtio drivers/input"
 total_failed=0
 
 # run_vm MODE MIN_PASSED QEMU-ARGS...: one VM; answers its PT-WAIT lines
@@ -39,7 +43,7 @@ total_failed=0
 run_vm() {
   local mode=$1 min=$2 bin=$ROOT/target/release/examples/vmtest
   shift 2
-  case $mode in ehci|uhci) bin=${bin}_$mode ;; esac
+  case $mode in ehci|uhci) bin=${bin}_$mode ;; evdev) bin=$ROOT/target/release/examples/evdev_vmtest ;; esac
   local W keep=0
   W=$(mktemp -d)
   truncate -s 64M "$W/stick.img"
@@ -92,7 +96,7 @@ key() { # $1 = true (press) | false (release)
   qmp '{"execute":"input-send-event","arguments":{"events":[{"type":"key","data":{"down":'"$1"',"key":{"type":"qcode","data":"a"}}}]}}'
 }
 
-if [ "$MODE" != ehci ] && [ "$MODE" != uhci ]; then
+if [ "$MODE" != ehci ] && [ "$MODE" != uhci ] && [ "$MODE" != evdev ]; then
   STICK_ID=ustick
   STICK='{"driver":"usb-storage","bus":"xhci.0","drive":"stick","id":"ustick","serial":"PT0001"}'
   xmode=$MODE
@@ -132,5 +136,11 @@ if [ "$MODE" = check ] || [ "$MODE" = uhci ]; then
     -blockdev '{"driver":"raw","node-name":"fsdisk","file":{"driver":"file","filename":"@W@/fsstick.img"}}' \
     -device "$STICK" \
     -device usb-kbd,bus=uhci.0,id=kbd0
+fi
+if [ "$MODE" = check ] || [ "$MODE" = evdev ]; then
+  # The evdev input sources (evdev_vmtest): uinput devices in the VM as
+  # the host's keyboard and tablet, our emulated ones reading them on our
+  # xHCI; no USB devices of QEMU's.
+  run_vm evdev 7
 fi
 [ "$total_failed" = 0 ]

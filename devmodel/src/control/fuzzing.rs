@@ -68,6 +68,7 @@ impl FuzzControl {
                     input: Some(input),
                     capture,
                     host: None,
+                    source: None,
                 });
             }
         }

@@ -231,7 +231,7 @@ impl<'a> Session<'a> {
             Ok(b) => b,
             Err(e) => return generic(format!("{e:#}")),
         };
-        let (desc, capture, input, host) = (b.desc, b.capture, b.input, b.host);
+        let (desc, capture, input, host, source) = (b.desc, b.capture, b.input, b.host, b.source);
         let dev = b.dev;
         let port = match self
             .target
@@ -260,6 +260,7 @@ impl<'a> Session<'a> {
             input,
             capture,
             host,
+            source,
         });
         drop(plugged);
         tracing::info!("control: {id}: {desc} on {port}");

@@ -71,6 +71,7 @@ fn bed() -> Bed {
             input: Some(handle.clone()),
             capture,
             host: None,
+            source: None,
         },
         crate::Plugged {
             id: "device[1]".into(),
@@ -79,6 +80,7 @@ fn bed() -> Bed {
             input: Some(tablet.clone()),
             capture: Default::default(),
             host: None,
+            source: None,
         },
     ];
     let (tx, rx) = std::sync::mpsc::channel::<()>();
