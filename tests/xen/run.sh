@@ -48,13 +48,14 @@
 # Prints every RESULT (named SERIES/MODE/check), the timings, one summary
 # line per mode and "xen: N passed, M failed"; exits non-zero on any failure.
 # Env: XTB_XEN ("4.20 4.17"), XTB_MODES, XTB_ATTEMPTS (5), XTB_GUEST_ATTEMPTS
-# (2), XTB_TIMEOUT (per series, s, 840; 1500 for 4.17), XTB_GUEST_TIMEOUT (guest power-on to
+# (2), XTB_TIMEOUT (per series, s, 1320 for 4.20; 1500 for 4.17), XTB_GUEST_TIMEOUT (guest power-on to
 # power-off in dom0, s, 420), XTB_PCI (00:1e.0), XTB_WORK (work directory,
 # default a fresh one under /tmp; one subdirectory per series), KEEP=1 (keep
 # it also on success), XTB_STICK_ON_SHARE (the modes whose stick is served
 # from the 9p share, default "beside"; 1: all, 0: none; the others' from
 # dom0's tmpfs), XTB_GUEST_CMDLINE (guest
 # console options), XTB_DM_LOG (xen-usb-dm's XEN_USB_DM_LOG, info),
+# XTB_DOM0_CMDLINE (more options for dom0's kernel),
 # XTB_STALL_TEST=1 (dom0 pauses the first guest after 20 s: checks the
 # in-dom0 retry), XTB_OUTER_QEMU (instead of the host's QEMU 7.2; a stand-in
 # to test these scripts).
@@ -97,7 +98,7 @@ t_run=$(date +%s)
 # dm_restrict, with or without xen-usb-dm (README).
 case $XEN in
   4.17) MODES=${XTB_MODES:-beside wrap intx restrict xl ehci} TIMEOUT=${XTB_TIMEOUT:-1500} ;;
-  *)    MODES=${XTB_MODES:-beside wrap ehci uhci} TIMEOUT=${XTB_TIMEOUT:-1080} ;;
+  *)    MODES=${XTB_MODES:-beside wrap ehci uhci} TIMEOUT=${XTB_TIMEOUT:-1320} ;;
 esac
 # Without a device model only beside (the plumbing) and xlref (which runs
 # no xen-usb-dm) make sense.
@@ -271,7 +272,7 @@ boot() {
     -display none -vga none -nic none -monitor none -serial "file:$serial" \
     -kernel "$XEN_ELF" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 noreboot" \
-    -initrd "$DOM0_KERNEL console=hvc0 quiet loglevel=3,$DOM0_INITRD" \
+    -initrd "$DOM0_KERNEL console=hvc0 quiet loglevel=3${XTB_DOM0_CMDLINE:+ $XTB_DOM0_CMDLINE},$DOM0_INITRD" \
     -drive "file=$DOM0_IMG,if=virtio,format=raw,cache=unsafe,snapshot=on" \
     -virtfs "local,path=$S,mount_tag=share,security_model=none,id=share" \
     "${outer_usb[@]}" \
