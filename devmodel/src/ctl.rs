@@ -184,7 +184,7 @@ pub fn human(command: &str, v: &Value) -> String {
         }
         "query-status" => format!("status: {}\n", v["status"].as_str().unwrap_or("?")),
         "device_add" => format!(
-            "{} on port {}\n",
+            "{}: plugged in at {}\n",
             v["id"].as_str().unwrap_or("?"),
             v["port"].as_str().unwrap_or("?")
         ),
@@ -229,8 +229,8 @@ mod tests {
         );
         assert!(request("device_del", &[], None).is_err());
         assert_eq!(
-            human("device_add", &json!({"id": "s1", "port": "3"})),
-            "s1 on port 3\n"
+            human("device_add", &json!({"id": "s1", "port": "root port 3"})),
+            "s1: plugged in at root port 3\n"
         );
     }
 
