@@ -296,17 +296,6 @@ impl Drop for EvdevSource {
     }
 }
 
-/// Waits up to `ms` for `fd` to be readable; true if it is (or errs).
-fn wait_readable(fd: i32, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
 fn run(opts: &EvdevOptions, input: &InputHandle, stop: &AtomicBool) {
     let mut missing_logged = false;
     while !stop.load(Ordering::Relaxed) {
@@ -380,7 +369,7 @@ fn serve(mut dev: evdev::Device, opts: &EvdevOptions, input: &InputHandle, stop:
                 }
             }
         }
-        if !wait_readable(dev.as_raw_fd(), 100) {
+        if !crate::control::readable(dev.as_raw_fd(), 100) {
             continue;
         }
         let events: Vec<evdev::InputEvent> = match dev.fetch_events() {

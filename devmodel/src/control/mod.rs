@@ -253,7 +253,7 @@ impl Drop for Control {
 }
 
 /// Waits up to `ms` for `fd` to be readable.
-fn readable(fd: i32, ms: i32) -> bool {
+pub(crate) fn readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
