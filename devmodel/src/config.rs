@@ -219,7 +219,6 @@ impl Device {
     /// `device[2]`) and makes its paths absolute against `base`; the error
     /// names the key (`label.key`) and what is wrong.
     pub fn resolve(&mut self, label: &str, base: &Path) -> Result<(), (String, String)> {
-        let invalid = |key: String, msg: String| (key, msg);
         match &self.capture {
             Some(c) => {
                 if !c.is_absolute() {
@@ -229,7 +228,7 @@ impl Device {
                     .capture_snaplen
                     .is_some_and(|n| n > hcd_emul::capture::MAX_SNAPLEN)
                 {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.capture_snaplen"),
                         format!("at most {} bytes", hcd_emul::capture::MAX_SNAPLEN),
                     ));
@@ -242,7 +241,7 @@ impl Device {
                     ("capture_keep", self.capture_keep.is_some()),
                 ];
                 if let Some(k) = first_set(&keys) {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.{k}"),
                         "only with capture = \"FILE.pcap\"".into(),
                     ));
@@ -256,7 +255,7 @@ impl Device {
         ];
         if matches!(self.kind, DeviceKind::Storage | DeviceKind::Host) {
             if let Some(k) = first_set(&input_keys) {
-                return Err(invalid(
+                return Err((
                     format!("{label}.{k}"),
                     "only for an input device (keyboard, mouse, tablet)".into(),
                 ));
@@ -265,7 +264,7 @@ impl Device {
         match self.kind {
             DeviceKind::Storage => {
                 let Some(img) = &self.image else {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.image"),
                         "required for kind = \"storage\"".into(),
                     ));
@@ -276,28 +275,22 @@ impl Device {
                     base.join(img)
                 };
                 if let Err(e) = std::fs::metadata(&full) {
-                    return Err(invalid(
-                        format!("{label}.image"),
-                        format!("{}: {e}", full.display()),
-                    ));
+                    return Err((format!("{label}.image"), format!("{}: {e}", full.display())));
                 }
                 self.image = Some(full);
                 if let Some(key) = first_set(&host_keys(self)) {
-                    return Err(invalid(
-                        format!("{label}.{key}"),
-                        "only for kind = \"host\"".into(),
-                    ));
+                    return Err((format!("{label}.{key}"), "only for kind = \"host\"".into()));
                 }
             }
             DeviceKind::Host => {
                 if let Err((key, msg)) = check_host(self) {
-                    return Err(invalid(format!("{label}.{key}"), msg));
+                    return Err((format!("{label}.{key}"), msg));
                 }
             }
             DeviceKind::Keyboard | DeviceKind::Mouse | DeviceKind::Tablet => {
                 if let Some(p) = &self.evdev {
                     if !p.is_absolute() {
-                        return Err(invalid(
+                        return Err((
                             format!("{label}.evdev"),
                             "must be an absolute path (/dev/input/...)".into(),
                         ));
@@ -306,14 +299,14 @@ impl Device {
                     ("grab", self.grab.is_some()),
                     ("grab_toggle", self.grab_toggle.is_some()),
                 ]) {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.{k}"),
                         "only with evdev = \"/dev/input/...\"".into(),
                     ));
                 }
                 if let Some(t) = &self.grab_toggle {
                     if crate::evdev_source::Toggle::parse(t).is_none() {
-                        return Err(invalid(
+                        return Err((
                             format!("{label}.grab_toggle"),
                             format!(
                                 "{t:?}: one of {}",
@@ -328,13 +321,13 @@ impl Device {
                     ("uas", self.uas),
                 ];
                 if let Some(key) = first_set(&storage_keys).or(first_set(&host_keys(self))) {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.{key}"),
                         "not for an input device (keyboard, mouse, tablet)".into(),
                     ));
                 }
                 if self.speed == Some(SpeedCfg::Super) {
-                    return Err(invalid(
+                    return Err((
                         format!("{label}.speed"),
                         "an input device is \"full\" or \"high\" speed".into(),
                     ));

@@ -32,7 +32,6 @@ export HC=$HCM
 
 metric() { grep "^METRIC $1 " "$2" | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 accesses() { grep -o 'region_accesses=[0-9]*' "$1" | tail -1 | cut -d= -f2; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
 
 ours() { # $1 mode, $2 tag
   start_dm "$DM" "$W" false "$W/dm-$2.log"
@@ -46,16 +45,6 @@ qemu() { # $1 tag, then the USB -device arguments
   APPEND="stick_bytes=$STICK mode=bench hc=$HCM bench_mib=$MIB bench_rounds=$QROUNDS" "$HERE/boot.sh" "$K" "$W/qemu-$tag.log" \
     -drive if=none,id=stick,file="$W/stick.img",format=raw "$@" || true
   grep -q '^METRIC write_ms' "$W/qemu-$tag.log" || { echo "QEMU $tag: no figures" >&2; tail -20 "$W/qemu-$tag.log" >&2; exit 1; }
-}
-# idle_cpu TAG PID_OF_PROCESS_TO_MEASURE_CMD LOG: waits for IDLE-START in
-# LOG, samples the process's CPU over 20 s, prints percent of one core.
-idle_cpu() {
-  local log=$1 pidf=$2 t0 t1 c0 c1
-  for _ in $(seq 1800); do grep -q IDLE-START "$log" 2>/dev/null && break; sleep 0.5; done
-  sleep 2
-  local pid; pid=$(cat "$pidf")
-  c0=$(ticks "$pid"); t0=$(date +%s.%N); sleep 20; c1=$(ticks "$pid"); t1=$(date +%s.%N)
-  awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.2f", 100 * c / hz / (t1 - t0)}'
 }
 echo "bench-hc: $HCM, kernel $K, QEMU $QEMU_VERSION, $(nproc) CPUs, $(date -u +%F)" >&2
 ours enum enum; ours bench bench
@@ -76,15 +65,8 @@ bpid=$!
 ours_idle=$(idle_cpu "$W/ours-idle.log" "$W/dm.pid"); wait $bpid || true; stop_dm
 grep -q "IDLE-HID bound and open" "$W/ours-idle.log" || { echo "bench-hc: the guest's usbhid did not bind our keyboard" >&2; exit 1; }
 # Idle: QEMU with its controller + stick + usb-kbd, and without USB.
-qemu_idle() { # $1 tag, $2 hc=, then -device args
-  local tag=$1 hc=$2 name="bench-idle-$1-$$"; shift 2
-  EXTRA_MODULES=drivers/input APPEND="stick_bytes=$STICK mode=idle hc=$hc" "$HERE/boot.sh" "$K" "$W/q-idle-$tag.log" -name "$name" "$@" &
-  local b=$!
-  for _ in $(seq 300); do pgrep -n -f "qemu-system.* -name $name" > "$W/q.pid" && break; sleep 0.2; done
-  idle_cpu "$W/q-idle-$tag.log" "$W/q.pid"; wait $b || true
-}
-q_with=$(qemu_idle "$HCM" "$HCM" -drive if=none,id=stick,file="$W/stick.img",format=raw -device $QDEV,id=hc -device usb-storage,bus=hc.0,drive=stick -device usb-kbd,bus=hc.0)
-q_without=$(qemu_idle none none)
+q_with=$(qemu_idle "$K" "$W/q-idle-$HCM.log" "stick_bytes=$STICK mode=idle hc=$HCM" -drive if=none,id=stick,file="$W/stick.img",format=raw -device $QDEV,id=hc -device usb-storage,bus=hc.0,drive=stick -device usb-kbd,bus=hc.0)
+q_without=$(qemu_idle "$K" "$W/q-idle-none.log" "stick_bytes=$STICK mode=idle hc=none")
 m() { metric "$1" "$W/$2.log"; }
 a_enum=$(accesses "$W/dm-enum.log"); a_bench=$(accesses "$W/dm-bench.log")
 python3 - "$(m write_ms ours-bench)" "$(m read_ms ours-bench)" "$(m write_ms qemu-bench)" "$(m read_ms qemu-bench)" \

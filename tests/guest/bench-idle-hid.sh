@@ -17,29 +17,11 @@ K=${2:-${KERNELS%% *}}
 (cd "$ROOT" && cargo build --release -q -p devmodel)
 DM=$ROOT/target/release/xen-usb-dm
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, clock ticks
-# idle_cpu LOG PIDFILE: waits for the guest's IDLE-START, then the % of a
-# core the process used over 20 s.
-idle_cpu() {
-  local log=$1 pidf=$2 t0 t1 c0 c1 pid
-  for _ in $(seq 1800); do grep -q IDLE-START "$log" 2>/dev/null && break; sleep 0.5; done
-  sleep 2
-  pid=$(cat "$pidf")
-  c0=$(ticks "$pid"); t0=$(date +%s.%N); sleep 20; c1=$(ticks "$pid"); t1=$(date +%s.%N)
-  awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.2f", 100 * c / hz / (t1 - t0)}'
-}
-qemu_idle() { # TAG HC then -device args: QEMU's CPU
-  local tag=$1 hc=$2 name="bench-idle-hid-$1-$$"; shift 2
-  EXTRA_MODULES=drivers/input APPEND="mode=idle nostick=1 hc=$hc" "$HERE/boot.sh" "$K" "$W/q-$tag.log" -name "$name" "$@" &
-  local b=$!
-  for _ in $(seq 300); do pgrep -n -f "qemu-system.* -name $name" > "$W/q.pid" && break; sleep 0.2; done
-  idle_cpu "$W/q-$tag.log" "$W/q.pid"; wait $b || true
-}
 bound() { # LOG: how many HID nodes the guest held open
   grep -c 'IDLE-HID bound and open' "$1" || true
 }
 echo "bench-idle-hid: kernel $K, QEMU $QEMU_VERSION, $(nproc) CPUs, $(date -u +%F)" >&2
-q0=$(qemu_idle none none)
+q0=$(qemu_idle "$K" "$W/q-none.log" "mode=idle nostick=1 hc=none")
 echo "| controller | ours: our process (% of a core) | QEMU's controller + usb-kbd + usb-tablet (QEMU with minus without USB) |"
 echo "|---|---|---|"
 for hc in $HCS; do
@@ -48,7 +30,8 @@ for hc in $HCS; do
   EXTRA_MODULES=drivers/input APPEND="mode=idle nostick=1 hc=$hc" "$HERE/boot.sh" "$K" "$W/ours-$hc.log" -device "$(vfio_dev "$W")" &
   b=$!
   ours=$(idle_cpu "$W/ours-$hc.log" "$W/dm.pid"); wait $b || true; stop_dm
-  q=$(qemu_idle "$hc" "$hc" -device $qdev,id=hc -device usb-kbd,bus=hc.0 -device usb-tablet,bus=hc.0)
+  q=$(qemu_idle "$K" "$W/q-$hc.log" "mode=idle nostick=1 hc=$hc" \
+      -device $qdev,id=hc -device usb-kbd,bus=hc.0 -device usb-tablet,bus=hc.0)
   no=$(bound "$W/ours-$hc.log") nq=$(bound "$W/q-$hc.log")
   if [ "$no" != 2 ] || [ "$nq" != 2 ]; then
     echo "bench-idle-hid: $hc: the guest held $no of our HID nodes and $nq of QEMU's open, not 2" >&2; exit 1

@@ -1,4 +1,4 @@
-# Shared by run-matrix.sh, bench.sh and scripts/demo.sh: run xen-usb-dm
+# Shared by run-matrix.sh, the bench*.sh scripts and scripts/demo.sh: run xen-usb-dm
 # with one stick and attach QEMU to it. Source it; needs bash.
 
 # start_dm BINARY DIR READONLY LOG: serves DIR/stick.img over DIR/dm.sock
@@ -54,3 +54,28 @@ stop_dm() { kill "$DM_PID" 2>/dev/null || true; wait "$DM_PID" 2>/dev/null || tr
 
 # vfio_dev DIR: the QEMU -device argument for the server in DIR.
 vfio_dev() { echo "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"$1/dm.sock\"}}"; }
+
+# Idle CPU (the benchmarks). ticks PID: its utime + stime, clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# idle_cpu LOG PIDFILE: waits for the guest's IDLE-START in LOG, then
+# prints the % of a core the process in PIDFILE used over 20 s.
+idle_cpu() {
+  local log=$1 pidf=$2 t0 t1 c0 c1 pid
+  for _ in $(seq 1800); do grep -q IDLE-START "$log" 2>/dev/null && break; sleep 0.5; done
+  sleep 2
+  pid=$(cat "$pidf")
+  c0=$(ticks "$pid"); t0=$(date +%s.%N); sleep 20; c1=$(ticks "$pid"); t1=$(date +%s.%N)
+  awk -v c=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.2f", 100 * c / hz / (t1 - t0)}'
+}
+# qemu_idle KERNEL LOG APPEND QEMU-ARGS...: boots the guest in QEMU alone
+# (mode=idle in APPEND) and prints QEMU's idle CPU (idle_cpu).
+qemu_idle() {
+  local k=$1 log=$2 append=$3 name="bench-idle-$$-$RANDOM" b pidf
+  shift 3
+  pidf=$(mktemp)
+  EXTRA_MODULES=drivers/input APPEND="$append" "$HERE/boot.sh" "$k" "$log" -name "$name" "$@" &
+  b=$!
+  for _ in $(seq 300); do pgrep -n -f "qemu-system.* -name $name" > "$pidf" && break; sleep 0.2; done
+  idle_cpu "$log" "$pidf"; wait $b || true
+  rm -f "$pidf"
+}

@@ -548,27 +548,22 @@ for mode in $MODES; do
       echo "panic before init" > "$TOP/$mode/attempt-status"
     fi
     # So is a guest whose /init could not mount its file systems, and one
-    # with a failed check in which a process died of SIGSEGV (busybox sh
-    # says "Segmentation fault"; seen once: the sysfs mount, so the guest
-    # saw no PCI functions). Guest memory corruption by the device model
-    # would look the same, so this gets another guest, never another
-    # boot: the last guest's results stand.
+    # with a failed check: the nested TCG corrupts processes now and then
+    # (a guest's busybox was seen to die of SIGSEGV on its sysfs mount, so
+    # it saw no PCI functions; dom0's helpers to segfault, bash to abort),
+    # and a lost check must not read as ours. Guest memory corruption by
+    # the device model would look the same, so this gets another guest,
+    # never another boot: the last guest's results stand (a fault of ours
+    # fails both), and run.sh prints the earlier guest's failed checks.
     if [ ! -f "$TOP/$mode/attempt-status" ] && [ "$a" -lt "$GUEST_ATTEMPTS" ]; then
+      f=$( { grep -h ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null | awk '{print $2}'
+             tr -d '\r' < "$c" 2>/dev/null | sed -n 's/^RESULT \([^ ]*\) FAIL.*/\1/p'; } | sort -u | tr '\n' ' ')
       if grep -q '^GUEST-SETUP-FAILED' "$c" 2>/dev/null; then
         grep -m1 '^GUEST-SETUP-FAILED' "$c" | tr -d '\r' > "$TOP/$mode/attempt-status"
-      elif grep -q 'Segmentation fault' "$c" 2>/dev/null && { grep -q ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null \
-             || grep -q '^RESULT [^ ]* FAIL' "$c" 2>/dev/null; }; then
-        echo "a guest process died of SIGSEGV and a check failed" > "$TOP/$mode/attempt-status"
-      else
-        # Any other failed check gets one more guest too: the nested TCG
-        # corrupts processes now and then without a word on the console
-        # (dom0's helpers were seen to segfault, bash to abort), and a lost
-        # check must not read as ours. A fault of ours fails both guests:
-        # the last guest's results stand, and run.sh prints the earlier
-        # guest's failed checks beside them.
-        f=$( { grep -h ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null | awk '{print $2}'
-               tr -d '\r' < "$c" 2>/dev/null | sed -n 's/^RESULT \([^ ]*\) FAIL.*/\1/p'; } | sort -u | tr '\n' ' ')
-        [ -z "$f" ] || echo "checks failed: ${f% }" > "$TOP/$mode/attempt-status"
+      elif [ -n "$f" ] && grep -q 'Segmentation fault' "$c" 2>/dev/null; then
+        echo "a guest process died of SIGSEGV and a check failed: ${f% }" > "$TOP/$mode/attempt-status"
+      elif [ -n "$f" ]; then
+        echo "checks failed: ${f% }" > "$TOP/$mode/attempt-status"
       fi
     fi
     [ -f "$TOP/$mode/attempt-status" ] || break
