@@ -613,6 +613,12 @@ impl UsbDevice for Captured {
     fn set_wakeup(&mut self, wakeup: Wakeup) {
         self.inner.set_wakeup(wakeup)
     }
+    fn suspend(&mut self, suspended: bool) {
+        self.inner.suspend(suspended)
+    }
+    fn remote_wakeup(&mut self) -> bool {
+        self.inner.remote_wakeup()
+    }
     fn is_interrupt_endpoint(&self, address: u8) -> bool {
         self.inner.is_interrupt_endpoint(address)
     }

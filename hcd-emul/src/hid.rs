@@ -27,6 +27,7 @@ use crate::usb::descriptor::{
 use crate::usb::std_requests::{complete_in, DescriptorSet, StdOutcome, StdRequests};
 use crate::usb::{
     Direction, SetupPacket, Speed, Transfer, TransferId, TransferKind, TransferStatus, UsbDevice,
+    Wakeup,
 };
 
 /// Reports kept for a guest that does not read them; later key events are
@@ -156,6 +157,16 @@ struct Shared {
     dropped: u64,
     /// Interrupt IN transfers waiting for a report, in order.
     parked: VecDeque<Transfer>,
+    /// The port is suspended.
+    suspended: bool,
+    /// The host enabled remote wakeup (a copy of the chapter-9 state,
+    /// which the device thread owns).
+    remote_wakeup: bool,
+    /// Input arrived while suspended with remote wakeup enabled: the
+    /// controller shows a resume at its next look.
+    wake_request: bool,
+    /// Wakes the controller's event loop.
+    wakeup: Option<Wakeup>,
 }
 
 impl Shared {
@@ -176,6 +187,10 @@ impl Shared {
             leds: 0,
             dropped: 0,
             parked: VecDeque::new(),
+            suspended: false,
+            remote_wakeup: false,
+            wake_request: false,
+            wakeup: None,
         }
     }
 
@@ -238,6 +253,11 @@ impl Shared {
     /// Completes parked transfers with queued reports in order, then with
     /// coalesced pointer motion (from whichever thread has the lock: a
     /// completion wakes the controller).
+    ///
+    /// A report with no transfer to take it on a suspended device with
+    /// remote wakeup enabled asks for a resume (USB 2.0 §7.1.7.7: a
+    /// keyboard wakes the host on a key press); the report waits for the
+    /// guest's next transfer after the resume.
     fn pump(&mut self) {
         while !self.parked.is_empty() {
             let r = match self.queue.pop_front() {
@@ -247,6 +267,13 @@ impl Shared {
             };
             if let Some(t) = self.parked.pop_front() {
                 complete_in(t, &r);
+            }
+        }
+        let waiting = !self.queue.is_empty() || self.dirty;
+        if waiting && self.suspended && self.remote_wakeup && !self.wake_request {
+            self.wake_request = true;
+            if let Some(w) = &self.wakeup {
+                w.wake();
             }
         }
     }
@@ -624,7 +651,9 @@ impl HidDevice {
             }
         }
         let ack = data_out.len();
-        match self.std.handle(&sp, &data_out) {
+        let outcome = self.std.handle(&sp, &data_out);
+        self.lock().remote_wakeup = self.std.remote_wakeup_enabled();
+        match outcome {
             StdOutcome::Data(v) => complete_in(xfer, &v),
             StdOutcome::NoData | StdOutcome::ClearHalt(_) | StdOutcome::SetHalt(_) => {
                 xfer.complete(TransferStatus::Success, ack)
@@ -666,9 +695,35 @@ impl UsbDevice for HidDevice {
 
     fn reset(&mut self) {
         self.std.reset();
-        self.lock().boot = false;
+        {
+            let mut s = self.lock();
+            s.boot = false;
+            s.suspended = false;
+            s.remote_wakeup = false;
+            s.wake_request = false;
+        }
         self.idle = 0;
         self.fail_parked(TransferStatus::Cancelled);
+    }
+
+    fn set_wakeup(&mut self, wakeup: Wakeup) {
+        self.lock().wakeup = Some(wakeup);
+    }
+
+    fn suspend(&mut self, suspended: bool) {
+        let mut s = self.lock();
+        s.suspended = suspended;
+        s.wake_request = false;
+        if suspended {
+            // Input that came while the guest was suspending the device
+            // (nothing parked to take it) wakes it at once.
+            s.pump();
+        }
+    }
+
+    fn remote_wakeup(&mut self) -> bool {
+        let mut s = self.lock();
+        s.suspended && std::mem::take(&mut s.wake_request)
     }
 
     fn submit(&mut self, xfer: Transfer) {

@@ -143,6 +143,53 @@ fn usb2_port_polling_reset_enable_suspend_resume() {
     assert_eq!(d.portsc(port) & PORTSC_CHANGE_MASK, 0);
 }
 
+/// Device-initiated resume (§4.15.2.3): the device hears of the suspend
+/// and resume; its remote wakeup in U3 takes a USB 2 port to Resume with
+/// PLC and a Port Status Change Event, software's U0 write ends it (PLC
+/// again); a USB 3 port goes straight to U0. Not in U0: no effect.
+#[test]
+fn remote_wakeup_resumes_a_suspended_port() {
+    for speed in [Speed::High, Speed::Super] {
+        let (dev, st) = FakeDevice::new(speed);
+        let mut d = Driver::new();
+        let port = d.pci.controller_mut().attach(Box::new(dev)).unwrap();
+        d.start();
+        if speed == Speed::High {
+            d.reset_port(port);
+        }
+        d.write_portsc(port, PORTSC_PP | PORTSC_CHANGE_MASK);
+        d.poll_events();
+        d.pending.clear();
+        // A request in U0 is not a resume (the device is not suspended).
+        st.lock().unwrap().wake_request = true;
+        d.poll_events();
+        assert_eq!((d.portsc(port) >> PORTSC_PLS_SHIFT) & 0xf, pls::U0);
+        assert!(st.lock().unwrap().suspends.is_empty());
+
+        d.write_portsc(port, PORTSC_PP | PORTSC_LWS | (pls::U3 << PORTSC_PLS_SHIFT));
+        assert_eq!(st.lock().unwrap().suspends, vec![true]);
+        st.lock().unwrap().wake_request = true;
+        let ev = d
+            .wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+            .expect("port status change on remote wakeup");
+        assert_eq!(ev.parameter >> 24, port as u64);
+        let sc = d.portsc(port);
+        assert!(sc & PORTSC_PLC != 0);
+        if speed == Speed::High {
+            assert_eq!((sc >> PORTSC_PLS_SHIFT) & 0xf, pls::RESUME);
+            assert_eq!(st.lock().unwrap().suspends, vec![true]);
+            d.write_portsc(port, PORTSC_PP | PORTSC_PLC);
+            d.write_portsc(port, PORTSC_PP | PORTSC_LWS | (pls::U0 << PORTSC_PLS_SHIFT));
+            d.wait_event(|t| t.trb_type() == ty::PORT_STATUS_CHANGE)
+                .expect("PLC on reaching U0");
+        }
+        let sc = d.portsc(port);
+        assert_eq!((sc >> PORTSC_PLS_SHIFT) & 0xf, pls::U0);
+        assert!(sc & PORTSC_PLC != 0);
+        assert_eq!(st.lock().unwrap().suspends, vec![true, false]);
+    }
+}
+
 #[test]
 fn usb3_warm_reset_sets_wrc_and_prc() {
     let (mut d, port) = driver_with_fake(Speed::Super);

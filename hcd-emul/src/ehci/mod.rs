@@ -454,6 +454,28 @@ impl Ehci {
         self.usbsts |= STS_PCD;
     }
 
+    /// Device-initiated resume (EHCI 1.0 §4.3.1): a device on a suspended
+    /// port that signals remote wakeup sets Force Port Resume and Port
+    /// Change Detect; software ends the resume 20 ms later by clearing
+    /// FPR. This works with the controller halted (Linux halts it when
+    /// the whole bus is suspended and waits for the PCD interrupt).
+    fn poll_remote_wakeup(&mut self) {
+        for p in 1..=N_PORTS {
+            let port = &mut self.ports[p - 1];
+            if port.portsc & (PORT_SUSP | PORT_FPR | PORT_PED | PORT_PO) != PORT_SUSP | PORT_PED {
+                continue;
+            }
+            if port
+                .device
+                .as_mut()
+                .is_some_and(|d| d.dev_mut().remote_wakeup())
+            {
+                port.portsc |= PORT_FPR;
+                self.usbsts |= STS_PCD;
+            }
+        }
+    }
+
     fn poll_connections(&mut self) {
         for p in 1..=N_PORTS {
             let before = self.ports[p - 1].portsc & PORT_CCS != 0;
@@ -719,6 +741,11 @@ impl Ehci {
             v &= !(PORT_FPR | PORT_SUSP);
         }
         self.ports[p - 1].portsc = v;
+        if (old ^ v) & PORT_SUSP != 0 {
+            if let Some(d) = self.ports[p - 1].device.as_mut() {
+                d.dev_mut().suspend(v & PORT_SUSP != 0);
+            }
+        }
         if v & PORT_PO != old & PORT_PO {
             if v & PORT_PO != 0 {
                 self.cancel_device(DevPath {
@@ -956,6 +983,7 @@ impl PciController for Ehci {
             self.kick();
         }
         self.poll_connections();
+        self.poll_remote_wakeup();
         self.run_work();
         self.flush_interrupts(irq);
     }

@@ -217,3 +217,56 @@ fn ports_connect_reset_enable_and_change_bits() {
     let sup = Box::new(UsbStorage::from_file(tempfile_1m(), false, Speed::Super).unwrap());
     assert_eq!(e.attach(sup).unwrap_err(), AttachError::SuperSpeed);
 }
+
+/// Selective suspend and device-initiated resume (§4.3.1): the device
+/// hears of Suspend and of the end of the resume; its remote wakeup on a
+/// suspended port sets Force Port Resume and Port Change Detect, with the
+/// controller halted as Linux leaves it in bus suspend, and raises the
+/// interrupt; software's FPR clear (Suspend still written as 1, as Linux
+/// does) ends both. On an enabled, unsuspended port it does nothing.
+#[test]
+fn remote_wakeup_sets_fpr_and_pcd_even_halted() {
+    use crate::usb::sleeper::Sleeper;
+    let (mut f, irq) = func();
+    let op = CAP_LENGTH;
+    let ps = op + OP_PORTSC + 4 * 2;
+    let dev = Sleeper::new(Speed::High);
+    f.controller_mut()
+        .attach_at(3, 0, Box::new(dev.clone()))
+        .unwrap();
+    w32(&mut f, op + OP_USBCMD, CMD_RS);
+    w32(&mut f, op + OP_CONFIGFLAG, 1);
+    let v = r32(&mut f, ps);
+    w32(&mut f, ps, (v & !PORT_RWC) | PORT_CSC | PORT_PR);
+    let v = r32(&mut f, ps);
+    w32(&mut f, ps, v & !PORT_RWC & !PORT_PR);
+    assert_ne!(r32(&mut f, ps) & PORT_PED, 0);
+    w32(&mut f, op + OP_USBSTS, STS_PCD);
+
+    dev.signal_wakeup();
+    f.process();
+    assert_eq!(r32(&mut f, ps) & PORT_FPR, 0, "not suspended: no resume");
+    dev.state.lock().unwrap().wake = false;
+
+    let v = r32(&mut f, ps) & !PORT_RWC;
+    w32(&mut f, ps, v | PORT_SUSP);
+    assert_eq!(dev.suspends(), vec![true]);
+    // Bus suspend: halted, only the port change interrupt enabled.
+    w32(&mut f, op + OP_USBCMD, 0);
+    w32(&mut f, op + OP_USBINTR, STS_PCD);
+    assert!(!irq.0.lock().unwrap().0);
+    dev.signal_wakeup();
+    f.process();
+    let v = r32(&mut f, ps);
+    assert_eq!(v & (PORT_FPR | PORT_SUSP), PORT_FPR | PORT_SUSP);
+    assert_ne!(r32(&mut f, op + OP_USBSTS) & STS_PCD, 0);
+    assert!(irq.0.lock().unwrap().0, "PCD interrupt while halted");
+    assert_eq!(dev.suspends(), vec![true], "still resuming");
+    // Linux: 20 ms later, PORTSC with FPR clear (SUSP as read).
+    w32(&mut f, ps, v & !PORT_RWC & !PORT_FPR);
+    assert_eq!(
+        r32(&mut f, ps) & (PORT_FPR | PORT_SUSP | PORT_PED),
+        PORT_PED
+    );
+    assert_eq!(dev.suspends(), vec![true, false]);
+}

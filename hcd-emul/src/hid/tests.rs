@@ -451,3 +451,74 @@ fn a_parked_transfer_gets_the_next_motion_at_once() {
     assert_eq!((r.len(), r[0].actual), (1, 4));
     assert_eq!(h.read(0x2000)[..4], [0, 7, 0, 0]);
 }
+
+/// Selective suspend and remote wakeup (USB 2.0 §7.1.7.7, §9.4.5): the
+/// feature is advertised (bmAttributes) and reported by GET_STATUS; a key
+/// pressed while suspended asks for a resume only if the host enabled it,
+/// once, with a wake-up of the controller; the key is reported after the
+/// resume, in order; a bus reset forgets the feature.
+#[test]
+fn remote_wakeup_only_when_enabled_and_suspended() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut h = host(Speed::Full);
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let w = wakes.clone();
+    h.q.set_waker(move || {
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    h.dev.set_wakeup(h.q.wakeup());
+    h.configure();
+    let cfg = h.control(0x80, 6, 0x0200, 0, &[], 64).1;
+    assert_eq!(cfg[7] & 0x20, 0x20, "bmAttributes offers remote wakeup");
+    assert_eq!(h.control(0x80, 0, 0, 0, &[], 2).1, vec![0, 0]);
+
+    // Suspended without remote wakeup enabled: input waits, no request.
+    h.dev.suspend(true);
+    let before = wakes.load(Ordering::SeqCst);
+    assert!(h.kb.key(0x04, true));
+    assert!(!h.dev.remote_wakeup());
+    assert_eq!(wakes.load(Ordering::SeqCst), before);
+    h.dev.suspend(false);
+    h.report_in(0x2000);
+    assert_eq!(h.done()[0].status, TransferStatus::Success);
+    assert_eq!(h.read(0x2000)[2], 0x04);
+
+    // Enabled: GET_STATUS shows it; a key while suspended asks once.
+    assert_eq!(h.control(0, 3, 1, 0, &[], 0).0, TransferStatus::Success);
+    assert_eq!(h.control(0x80, 0, 0, 0, &[], 2).1, vec![2, 0]);
+    h.dev.suspend(true);
+    assert!(!h.dev.remote_wakeup(), "nothing happened yet");
+    let before = wakes.load(Ordering::SeqCst);
+    assert!(h.kb.key(0x04, false));
+    assert!(h.kb.key(0x05, true));
+    assert_eq!(
+        wakes.load(Ordering::SeqCst),
+        before + 1,
+        "one wake-up per request"
+    );
+    assert!(h.dev.remote_wakeup());
+    assert!(!h.dev.remote_wakeup(), "taken");
+    h.dev.suspend(false);
+    assert!(!h.dev.remote_wakeup(), "not suspended");
+    // Both reports, in order, after the resume.
+    let r = reports(&mut h, 2, 8);
+    assert_eq!((r[0][2], r[1][2]), (0, 0x05));
+
+    // Input already waiting when the port is suspended asks at once.
+    assert!(h.kb.key(0x05, false));
+    h.dev.suspend(true);
+    assert!(h.dev.remote_wakeup());
+    h.dev.suspend(false);
+    reports(&mut h, 1, 8);
+
+    // CLEAR_FEATURE and bus reset turn it off.
+    assert_eq!(h.control(0, 1, 1, 0, &[], 0).0, TransferStatus::Success);
+    assert_eq!(h.control(0x80, 0, 0, 0, &[], 2).1, vec![0, 0]);
+    assert_eq!(h.control(0, 3, 1, 0, &[], 0).0, TransferStatus::Success);
+    h.dev.reset();
+    h.configure();
+    assert_eq!(h.control(0x80, 0, 0, 0, &[], 2).1, vec![0, 0]);
+    h.dev.suspend(true);
+    assert!(h.kb.key(0x06, true));
+    assert!(!h.dev.remote_wakeup());
+}

@@ -557,6 +557,32 @@ impl Uhci {
             v &= !PORT_SUSP;
         }
         self.ports[p - 1].portsc = v | PORT_ALWAYS1;
+        if (old ^ v) & PORT_SUSP != 0 {
+            if let Some(d) = self.ports[p - 1].device.as_mut() {
+                d.suspend(v & PORT_SUSP != 0);
+            }
+        }
+    }
+
+    /// Device-initiated resume (UHCI 1.1 §2.1.7, §2.1.2): a device on a
+    /// suspended port that signals remote wakeup sets the port's Resume
+    /// Detect (software sees it when it looks at the port, ends the resume
+    /// 20 ms later by clearing Suspend and Resume Detect); in global
+    /// suspend also USBSTS.RD (the Resume interrupt) and USBCMD.FGR.
+    fn poll_remote_wakeup(&mut self) {
+        for p in 1..=N_PORTS {
+            let port = &mut self.ports[p - 1];
+            if port.portsc & (PORT_SUSP | PORT_RD | PORT_PE) != PORT_SUSP | PORT_PE {
+                continue;
+            }
+            if port.device.as_mut().is_some_and(|d| d.remote_wakeup()) {
+                port.portsc |= PORT_RD;
+                if self.usbcmd & CMD_EGSM != 0 {
+                    self.usbsts |= STS_RD;
+                    self.usbcmd |= CMD_FGR;
+                }
+            }
+        }
     }
 
     fn flush_interrupts(&mut self, irq: &mut dyn IrqSink) {
@@ -754,6 +780,7 @@ impl PciController for Uhci {
             self.kick();
         }
         self.poll_connections();
+        self.poll_remote_wakeup();
         self.run_work();
         self.flush_interrupts(irq);
     }

@@ -249,3 +249,53 @@ fn interrupt_enables_gate_intx() {
     f.process();
     assert!(*irq.0.lock().unwrap());
 }
+
+/// Selective suspend and device-initiated resume: the device hears of
+/// Suspend and of its end; its remote wakeup on a suspended port sets the
+/// port's Resume Detect, and in global suspend also USBSTS.RD (the Resume
+/// interrupt, if enabled) and USBCMD.FGR; software's clear of Suspend
+/// and RD ends it. An unsuspended port ignores the request.
+#[test]
+fn remote_wakeup_sets_resume_detect() {
+    use crate::usb::sleeper::Sleeper;
+    let (mut f, irq) = func();
+    let dev = Sleeper::new(Speed::Full);
+    f.controller_mut()
+        .attach_at(1, Box::new(dev.clone()))
+        .unwrap();
+    w16(&mut f, REG_USBCMD, CMD_RS);
+    w16(&mut f, REG_PORTSC, PORT_CSC | PORT_PR);
+    w16(&mut f, REG_PORTSC, 0);
+    w16(&mut f, REG_PORTSC, PORT_PE);
+    dev.signal_wakeup();
+    f.process();
+    assert_eq!(r16(&mut f, REG_PORTSC) & PORT_RD, 0);
+    dev.state.lock().unwrap().wake = false;
+
+    // Selective suspend, controller running: only the port shows it.
+    w16(&mut f, REG_PORTSC, PORT_PE | PORT_SUSP);
+    assert_eq!(dev.suspends(), vec![true]);
+    dev.signal_wakeup();
+    f.process();
+    assert_eq!(
+        r16(&mut f, REG_PORTSC) & (PORT_RD | PORT_SUSP | PORT_PE),
+        PORT_RD | PORT_SUSP | PORT_PE
+    );
+    assert_eq!(r16(&mut f, REG_USBSTS) & STS_RD, 0);
+    w16(&mut f, REG_PORTSC, PORT_PE);
+    assert_eq!(r16(&mut f, REG_PORTSC) & (PORT_RD | PORT_SUSP), 0);
+    assert_eq!(dev.suspends(), vec![true, false]);
+
+    // Global suspend (Linux's suspend_rh): stopped, EGSM, resume interrupt.
+    w16(&mut f, REG_PORTSC, PORT_PE | PORT_SUSP);
+    w16(&mut f, REG_USBINTR, INTR_RESUME);
+    w16(&mut f, REG_USBCMD, 0);
+    w16(&mut f, REG_USBCMD, CMD_EGSM);
+    assert!(!*irq.0.lock().unwrap());
+    dev.signal_wakeup();
+    f.process();
+    assert_ne!(r16(&mut f, REG_USBSTS) & STS_RD, 0);
+    assert_ne!(r16(&mut f, REG_USBCMD) & CMD_FGR, 0);
+    assert_ne!(r16(&mut f, REG_PORTSC) & PORT_RD, 0);
+    assert!(*irq.0.lock().unwrap(), "resume interrupt");
+}

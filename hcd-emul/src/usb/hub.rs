@@ -257,6 +257,11 @@ pub struct Hub {
     wakeup: Option<Wakeup>,
     /// STOP_TT was received and no RESET_TT since.
     tt_stopped: bool,
+    /// The hub's own upstream port is suspended.
+    suspended: bool,
+    /// A downstream resume or connection change while suspended, with
+    /// remote wakeup enabled: the hub signals resume upstream.
+    wake_request: bool,
 }
 
 impl Default for Hub {
@@ -344,6 +349,8 @@ impl Hub {
             parked: VecDeque::new(),
             wakeup: None,
             tt_stopped: false,
+            suspended: false,
+            wake_request: false,
         }
     }
 
@@ -412,7 +419,7 @@ impl Hub {
         }
         p.device = Some(dev);
         p.refresh_connection();
-        self.report_changes();
+        self.port_changed();
         Ok(())
     }
 
@@ -424,7 +431,7 @@ impl Hub {
         let p = self.port_mut(port)?;
         let dev = p.device.take()?;
         p.refresh_connection();
-        self.report_changes();
+        self.port_changed();
         Some(dev)
     }
 
@@ -434,6 +441,12 @@ impl Hub {
     /// controller calls this, through [`HubPorts::poll_connections`],
     /// whenever it is woken up and checks its root ports' devices; the hub
     /// also calls it on every transfer it receives.
+    ///
+    /// It also passes on remote wakeup (§11.9): a device on a suspended
+    /// port that signals resume gets its port resumed (C_PORT_SUSPEND);
+    /// if the hub itself is suspended with remote wakeup enabled, that or
+    /// a connection change makes the hub signal resume upstream
+    /// ([`UsbDevice::remote_wakeup`]).
     pub fn poll_connections(&mut self) {
         let mut changed = false;
         for p in &mut self.ports {
@@ -441,10 +454,33 @@ impl Hub {
                 h.poll_connections();
             }
             changed |= p.refresh_connection();
+            if p.status & SUSPEND != 0 {
+                if let Some(d) = p.device.as_mut() {
+                    if d.remote_wakeup() {
+                        d.suspend(false);
+                        p.status &= !SUSPEND;
+                        p.change |= C_SUSPEND;
+                        changed = true;
+                    }
+                }
+            }
         }
         if changed {
-            self.report_changes();
+            self.port_changed();
         }
+    }
+
+    /// A port change bit was set: reported on the status change endpoint,
+    /// and, on a suspended hub with remote wakeup enabled, signalled
+    /// upstream (§11.4.4: connect, disconnect and resume events wake it).
+    fn port_changed(&mut self) {
+        if self.suspended && self.std.remote_wakeup_enabled() && !self.wake_request {
+            self.wake_request = true;
+            if let Some(w) = &self.wakeup {
+                w.wake();
+            }
+        }
+        self.report_changes();
     }
 
     /// The USB address of the device on `port` (0 until the controller
@@ -636,8 +672,11 @@ impl Hub {
                 }
             }
             feature::PORT_SUSPEND if selector == 0 => {
-                if p.status & ENABLE != 0 {
+                if p.status & (ENABLE | SUSPEND) == ENABLE {
                     p.status |= SUSPEND;
+                    if let Some(d) = p.device.as_mut() {
+                        d.suspend(true);
+                    }
                 }
             }
             // Test selectors J, K, SE0_NAK, Packet, Force_Enable (§7.1.20);
@@ -672,6 +711,9 @@ impl Hub {
                 if p.status & SUSPEND != 0 {
                     p.status &= !SUSPEND;
                     p.change |= C_SUSPEND;
+                    if let Some(d) = p.device.as_mut() {
+                        d.suspend(false);
+                    }
                 }
             }
             feature::PORT_POWER => p.power_off(),
@@ -748,7 +790,18 @@ impl UsbDevice for Hub {
         self.power_off_all();
         self.hub_change = 0;
         self.tt_stopped = false;
+        self.suspended = false;
+        self.wake_request = false;
         self.fail_parked(TransferStatus::Cancelled);
+    }
+
+    fn suspend(&mut self, suspended: bool) {
+        self.suspended = suspended;
+        self.wake_request = false;
+    }
+
+    fn remote_wakeup(&mut self) -> bool {
+        self.suspended && std::mem::take(&mut self.wake_request)
     }
 
     fn submit(&mut self, xfer: Transfer) {

@@ -9,6 +9,8 @@
 
 pub mod descriptor;
 pub mod hub;
+#[cfg(test)]
+pub(crate) mod sleeper;
 pub mod std_requests;
 mod transfer;
 
@@ -143,6 +145,23 @@ pub trait UsbDevice: Send + std::fmt::Debug {
         true
     }
 
+    /// The port the device hangs off was suspended (`true`: USB 2.0
+    /// §7.1.7.6, the host stopped all traffic to it; xHCI U3, EHCI and
+    /// UHCI PORTSC Suspend, a hub's PORT_SUSPEND) or resumed (`false`).
+    /// A bus reset ([`UsbDevice::reset`]) also ends a suspend. The default
+    /// ignores it: a passthrough device is not suspended on the host.
+    fn suspend(&mut self, _suspended: bool) {}
+
+    /// Whether the device signals resume (remote wakeup, USB 2.0
+    /// §7.1.7.7): only while suspended and only if the host enabled it with
+    /// SET_FEATURE(DEVICE_REMOTE_WAKEUP). `true` once per request (the
+    /// request is taken). A device that wants to wake the bus calls its
+    /// [`Wakeup`]; the controller asks every suspended port's device after
+    /// each wake-up and shows the resume the way its hardware does.
+    fn remote_wakeup(&mut self) -> bool {
+        false
+    }
+
     /// The guest configured bulk endpoint `endpoint` (address, bit 7 for
     /// IN) with stream IDs `1..=streams` (xHCI Configure Endpoint with
     /// MaxPStreams). Transfers on it then carry a [`Transfer::stream_id`].
@@ -242,4 +261,6 @@ pub mod request {
     pub const SET_ISOCH_DELAY: u8 = 49;
     /// Feature selector ENDPOINT_HALT.
     pub const FEATURE_ENDPOINT_HALT: u16 = 0;
+    /// Feature selector DEVICE_REMOTE_WAKEUP.
+    pub const FEATURE_DEVICE_REMOTE_WAKEUP: u16 = 1;
 }

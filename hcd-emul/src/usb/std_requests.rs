@@ -105,6 +105,8 @@ pub struct StdRequests {
     halted: u32,
     /// Current alternate setting per interface number.
     alt: [u8; MAX_INTERFACES],
+    /// SET_FEATURE(DEVICE_REMOTE_WAKEUP) is in force.
+    remote_wakeup: bool,
 }
 
 fn ep_bit(addr: u8) -> u32 {
@@ -125,6 +127,7 @@ impl StdRequests {
             configuration: 0,
             halted: 0,
             alt: [0; MAX_INTERFACES],
+            remote_wakeup: false,
         }
     }
 
@@ -133,12 +136,24 @@ impl StdRequests {
         &self.desc
     }
 
-    /// Bus reset: address 0, unconfigured, no halts.
+    /// Bus reset: address 0, unconfigured, no halts, remote wakeup off.
     pub fn reset(&mut self) {
         self.address = 0;
         self.configuration = 0;
         self.halted = 0;
         self.alt = [0; MAX_INTERFACES];
+        self.remote_wakeup = false;
+    }
+
+    /// Whether the host enabled remote wakeup (SET_FEATURE
+    /// DEVICE_REMOTE_WAKEUP; cleared by CLEAR_FEATURE and bus reset).
+    pub fn remote_wakeup_enabled(&self) -> bool {
+        self.remote_wakeup
+    }
+
+    /// Whether the configuration descriptor offers remote wakeup.
+    fn supports_remote_wakeup(&self) -> bool {
+        self.desc.config.attributes & ConfigDescriptor::ATTR_REMOTE_WAKEUP != 0
     }
 
     /// The alternate setting `interface` is in (0 if unknown).
@@ -211,7 +226,7 @@ impl StdRequests {
         let ep_addr = u8::try_from(setup.index & 0xff).unwrap_or(0);
         let out = match (setup.request, dir_in, recipient) {
             (request::GET_STATUS, true, 0) => {
-                let s = u8::from(self.desc.self_powered);
+                let s = u8::from(self.desc.self_powered) | u8::from(self.remote_wakeup) << 1;
                 StdOutcome::Data(vec![s, 0])
             }
             (request::GET_STATUS, true, 1) => {
@@ -244,8 +259,20 @@ impl StdRequests {
                     }
                 }
             }
-            // Device features: remote wakeup (1), test mode (2), U1/U2/LTM
-            // enable (48-50); interface: function suspend (0). Accepted.
+            // Remote wakeup: only where the configuration offers it (a
+            // request for a feature the device lacks is a request error).
+            (request::CLEAR_FEATURE | request::SET_FEATURE, false, 0)
+                if setup.value == request::FEATURE_DEVICE_REMOTE_WAKEUP =>
+            {
+                if self.supports_remote_wakeup() {
+                    self.remote_wakeup = setup.request == request::SET_FEATURE;
+                    StdOutcome::NoData
+                } else {
+                    StdOutcome::Stall
+                }
+            }
+            // Other device features: test mode (2), U1/U2/LTM enable
+            // (48-50); interface: function suspend (0). Accepted.
             (request::CLEAR_FEATURE | request::SET_FEATURE, false, 0 | 1) => StdOutcome::NoData,
             (request::SET_ADDRESS, false, 0) => match u8::try_from(setup.value) {
                 Ok(a) if a <= 127 => {

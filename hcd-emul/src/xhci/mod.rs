@@ -921,6 +921,7 @@ impl PciController for Xhci {
         self.refill_budget();
         self.run_work();
         self.poll_connections();
+        self.poll_remote_wakeup();
         self.flush_interrupts(irq);
     }
 

@@ -115,6 +115,43 @@ impl Xhci {
         if new == pls::U0 && (cur == pls::U3 || cur == pls::RESUME) {
             p.portsc |= PORTSC_PLC;
         }
+        let suspended = |s: u32| s == pls::U3 || s == pls::RESUME;
+        if suspended(cur) != suspended(new) {
+            if let Some(d) = p.device.as_mut() {
+                d.suspend(suspended(new));
+            }
+        }
+    }
+
+    /// Device-initiated resume (xHCI 1.2 §4.15.2.3): a device in U3 that
+    /// signals remote wakeup takes its USB 2 port to Resume (software
+    /// drives it to U0 after 20 ms) and its USB 3 port straight to U0,
+    /// with a Port Link State Change either way.
+    pub(super) fn poll_remote_wakeup(&mut self) {
+        for port in 1..=self.ports.len() {
+            let p = &mut self.ports[port - 1];
+            let state = (p.portsc >> PORTSC_PLS_SHIFT) & PORTSC_PLS_MASK;
+            if state != pls::U3 || p.portsc & PORTSC_PED == 0 {
+                continue;
+            }
+            let Some(d) = p.device.as_mut() else {
+                continue;
+            };
+            if !d.remote_wakeup() {
+                continue;
+            }
+            let old = p.portsc;
+            let new = if p.usb3 {
+                d.suspend(false);
+                pls::U0
+            } else {
+                pls::RESUME
+            };
+            p.portsc = (p.portsc & !(PORTSC_PLS_MASK << PORTSC_PLS_SHIFT))
+                | (new << PORTSC_PLS_SHIFT)
+                | PORTSC_PLC;
+            self.port_changed(port, old);
+        }
     }
 
     /// Port reset: the device returns to its default state, the port is

@@ -62,6 +62,10 @@ pub struct FakeState {
     pub stream_frees: Vec<u8>,
     /// Make `alloc_streams` fail.
     pub refuse_streams: bool,
+    /// `suspend` calls, in order.
+    pub suspends: Vec<bool>,
+    /// The device signals remote wakeup (taken by `remote_wakeup`).
+    pub wake_request: bool,
 }
 
 /// The pattern bulk IN transfer number `seq` carries.
@@ -175,6 +179,12 @@ fn handle_data(st: &Arc<Mutex<FakeState>>, t: &Transfer) -> (TransferStatus, usi
 impl UsbDevice for FakeDevice {
     fn name(&self) -> String {
         "fake".into()
+    }
+    fn suspend(&mut self, suspended: bool) {
+        self.state.lock().unwrap().suspends.push(suspended);
+    }
+    fn remote_wakeup(&mut self) -> bool {
+        std::mem::take(&mut self.state.lock().unwrap().wake_request)
     }
     fn speed(&self) -> Speed {
         self.speed

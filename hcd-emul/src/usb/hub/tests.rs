@@ -20,6 +20,10 @@ struct Fake {
     resets: Arc<AtomicUsize>,
     wakeups: Arc<AtomicUsize>,
     present: Arc<AtomicBool>,
+    /// `suspend` calls, in order.
+    suspends: Arc<std::sync::Mutex<Vec<bool>>>,
+    /// Signals remote wakeup (taken).
+    wake: Arc<AtomicBool>,
 }
 
 impl Fake {
@@ -29,7 +33,13 @@ impl Fake {
             resets: Arc::default(),
             wakeups: Arc::default(),
             present: Arc::new(AtomicBool::new(true)),
+            suspends: Arc::default(),
+            wake: Arc::default(),
         }
+    }
+
+    fn suspends(&self) -> Vec<bool> {
+        self.suspends.lock().unwrap().clone()
     }
 
     fn resets(&self) -> usize {
@@ -56,6 +66,12 @@ impl UsbDevice for Fake {
     }
     fn set_wakeup(&mut self, _wakeup: Wakeup) {
         self.wakeups.fetch_add(1, Ordering::SeqCst);
+    }
+    fn suspend(&mut self, suspended: bool) {
+        self.suspends.lock().unwrap().push(suspended);
+    }
+    fn remote_wakeup(&mut self) -> bool {
+        self.wake.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -375,6 +391,81 @@ fn suspend_hides_the_device_and_resume_sets_c_suspend() {
     // Suspending a disabled port does nothing.
     h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
     assert_eq!(h.port_status(2), (port_status::POWER, 0));
+}
+
+/// Remote wakeup through the hub (USB 2.0 §11.9): the device hears of
+/// its port's suspend and resume; its resume signal on a suspended port
+/// resumes the port (C_PORT_SUSPEND on the status change endpoint); a
+/// suspended hub passes it upstream only with its own remote wakeup
+/// enabled, once.
+#[test]
+fn downstream_remote_wakeup_resumes_the_port_and_wakes_a_suspended_hub() {
+    let mut h = powered(4);
+    let dev = Fake::new(Speed::Full);
+    h.hub.attach(2, Box::new(dev.clone())).unwrap();
+    h.ok_out(0x23, request::SET_FEATURE, PORT_RESET, 2);
+    h.clear_change(2, C_PORT_CONNECTION);
+    h.clear_change(2, C_PORT_RESET);
+
+    // Not suspended: a request is not a resume.
+    dev.wake.store(true, Ordering::SeqCst);
+    h.hub.poll_connections();
+    assert_eq!(h.port_status(2).1, 0);
+    dev.wake.store(false, Ordering::SeqCst);
+
+    h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
+    h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
+    assert_eq!(dev.suspends(), vec![true], "told once");
+    let id = h.poll_status(1);
+    assert!(h.q.is_empty());
+    dev.wake.store(true, Ordering::SeqCst);
+    h.hub.poll_connections();
+    assert_eq!(h.status_bitmap(id), (TransferStatus::Success, vec![0b100]));
+    let (st, ch) = h.port_status(2);
+    assert_eq!((st & port_status::SUSPEND, ch), (0, port_change::C_SUSPEND));
+    assert_eq!(dev.suspends(), vec![true, false]);
+    assert!(!h.hub.remote_wakeup(), "the hub itself is not suspended");
+    h.clear_change(2, C_PORT_SUSPEND);
+
+    // The hub suspended too, remote wakeup not enabled: the port resumes
+    // but the hub stays quiet.
+    h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
+    h.hub.suspend(true);
+    dev.wake.store(true, Ordering::SeqCst);
+    h.hub.poll_connections();
+    assert!(!h.hub.remote_wakeup());
+    h.hub.suspend(false);
+    h.clear_change(2, C_PORT_SUSPEND);
+
+    // Enabled: the hub signals once.
+    h.ok_out(
+        0,
+        request::SET_FEATURE,
+        crate::usb::request::FEATURE_DEVICE_REMOTE_WAKEUP,
+        0,
+    );
+    let (st, b) = h.control_in(0x80, request::GET_STATUS, 0, 0, 2);
+    assert_eq!((st, b[0] & 2), (TransferStatus::Success, 2));
+    h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
+    h.hub.suspend(true);
+    assert!(!h.hub.remote_wakeup(), "nothing yet");
+    dev.wake.store(true, Ordering::SeqCst);
+    h.hub.poll_connections();
+    assert!(h.hub.remote_wakeup());
+    assert!(!h.hub.remote_wakeup(), "taken");
+    h.hub.suspend(false);
+    assert_eq!(h.port_status(2).1, port_change::C_SUSPEND);
+    // A device plugged in or out of a suspended hub wakes it as well (a
+    // hot-plug behind an autosuspended hub).
+    h.hub.suspend(true);
+    h.hub.attach(3, Box::new(Fake::new(Speed::Full))).unwrap();
+    assert!(h.hub.remote_wakeup());
+    h.hub.suspend(false);
+    h.hub.suspend(true);
+    assert!(h.hub.detach(3).is_some());
+    assert!(h.hub.remote_wakeup());
+    h.hub.reset();
+    assert!(!h.hub.remote_wakeup(), "reset: no longer suspended");
 }
 
 #[test]
