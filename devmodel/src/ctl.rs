@@ -149,6 +149,14 @@ pub fn call(socket: &Path, req: &Value) -> Result<Value, CtlError> {
     Ok(answer.get("return").cloned().unwrap_or(Value::Null))
 }
 
+/// "port N" or "port N hub port M" from `port` and `hub-port`.
+fn port_text(v: &Value) -> String {
+    match v["hub-port"].as_u64().unwrap_or(0) {
+        0 => format!("port {}", v["port"]),
+        hub => format!("port {} hub port {hub}", v["port"]),
+    }
+}
+
 /// A `return` value for people.
 pub fn human(command: &str, v: &Value) -> String {
     match command {
@@ -159,12 +167,7 @@ pub fn human(command: &str, v: &Value) -> String {
                 out.push_str("no devices\n");
             }
             for d in devs {
-                let hub = d["hub-port"].as_u64().unwrap_or(0);
-                let at = if hub == 0 {
-                    format!("port {}", d["port"])
-                } else {
-                    format!("port {} hub port {hub}", d["port"])
-                };
+                let at = port_text(&d);
                 out.push_str(&format!(
                     "{at}: {}{} ({} speed{})\n",
                     d["id"]
@@ -186,7 +189,7 @@ pub fn human(command: &str, v: &Value) -> String {
         "device_add" => format!(
             "{}: plugged in at {}\n",
             v["id"].as_str().unwrap_or("?"),
-            v["port"].as_str().unwrap_or("?")
+            port_text(v)
         ),
         _ if v == &json!({}) => "ok\n".into(),
         _ => format!("{v}\n"),
@@ -229,8 +232,8 @@ mod tests {
         );
         assert!(request("device_del", &[], None).is_err());
         assert_eq!(
-            human("device_add", &json!({"id": "s1", "port": "root port 3"})),
-            "s1: plugged in at root port 3\n"
+            human("device_add", &json!({"id": "s1", "port": 3, "hub-port": 0})),
+            "s1: plugged in at port 3\n"
         );
     }
 

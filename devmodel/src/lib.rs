@@ -343,7 +343,8 @@ fn start_control(
             model_of(cfg),
             inputs.devices.clone(),
             quit.clone(),
-        ),
+        )
+        .with_resets(inputs.resets.clone()),
     )
     .with_context(|| format!("control.socket: {}", c.socket.display()))?;
     info!("xen-usb-dm: control socket on {}", c.socket.display());

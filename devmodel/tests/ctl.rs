@@ -107,7 +107,7 @@ fn ctl_talks_to_a_running_device_model() {
     );
     assert_eq!(
         (rc, out.as_str()),
-        (0, "s2: plugged in at root port 2\n"),
+        (0, "s2: plugged in at port 2\n"),
         "{err}"
     );
     let (rc, out, _) = ctl(&ctl_sock, &["query-usb"]);

@@ -3,14 +3,21 @@
 # system arrives read-only over 9p; the test binary runs from it as built,
 # chrooted, against this kernel's usbfs. Kernel command line: pt_bin=PATH
 # (the vmtest, vmtest_ehci or vmtest_uhci example, or devmodel's
-# evdev_vmtest), pt_mode=check|bench|ehci|uhci|evdev, pt_arg=N,
+# evdev_vmtest or events_vmtest), pt_mode=check|bench|ehci|uhci|evdev|events, pt_arg=N,
 # pt_log=FILTER (tracing filter, e.g. passthrough=debug). In ehci mode the
 # devices hang off QEMU's EHCI (a high-speed stick) and UHCI (a full-speed
 # stick and a keyboard) instead of its xHCI.
 arg() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 BIN=$(arg pt_bin); MODE=$(arg pt_mode); ARG=$(arg pt_arg)
 PT_LOG=$(arg pt_log); export PT_LOG
-case $MODE in ehci|uhci) HCDS="ehci-pci uhci-hcd"; NDEV=3 ;; evdev) HCDS="uinput evdev"; NDEV=0 ;; *) HCDS="xhci-pci uas"; NDEV=4 ;; esac
+# NDEV USB devices and the block devices DISKS must be there first.
+DISKS="/dev/sda /dev/sdb"
+case $MODE in
+  ehci|uhci) HCDS="ehci-pci uhci-hcd"; NDEV=3 ;;
+  evdev) HCDS="uinput evdev"; NDEV=0 ;;
+  events) HCDS="xhci-pci"; NDEV=1; DISKS=/dev/sda ;;
+  *) HCDS="xhci-pci uas"; NDEV=4 ;;
+esac
 for m in $HCDS usb-storage sd_mod virtio_pci 9pnet_virtio 9p; do modprobe $m; done
 mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host; then
@@ -24,12 +31,13 @@ mount -t devtmpfs dev /host/dev && mount -t proc proc /host/proc \
   || { echo "RESULT chroot_mounts FAIL"; exit 0; }
 export TMPDIR=/run
 # QEMU's devices enumerate (xHCI: the stick, keyboard, audio device and
-# UAS disk; EHCI/UHCI: two sticks and a keyboard) and the two block
-# devices' drivers bind before the checks start.
+# UAS disk; EHCI/UHCI: two sticks and a keyboard; events: one stick) and
+# the block devices' drivers bind before the checks start.
 i=0
 while [ $NDEV != 0 ] && [ $i -lt 300 ]; do
   n=$(ls /sys/bus/usb/devices | grep -c '^[0-9]*-[0-9.]*$')
-  [ "$n" -ge $NDEV ] && [ -b /dev/sda ] && [ -b /dev/sdb ] && break
+  disks=1; for b in $DISKS; do [ -b $b ] || disks=0; done
+  [ "$n" -ge $NDEV ] && [ $disks = 1 ] && break
   usleep 100000; i=$((i+1))
 done
 echo "METRIC usb_devices $n"

@@ -21,8 +21,14 @@
 # A fourth VM checks the evdev input sources (evdev_vmtest, devmodel's
 # example): uinput devices as the host's keyboard and tablet.
 #
-# Usage: tests/passthrough/run.sh [check | xhci | ehci | uhci | evdev | bench [MiB]]
-# (check = xhci + ehci + uhci + evdev).
+# A fifth VM checks the control socket's USB_HOST_DISCONNECTED /
+# USB_HOST_CONNECTED events (events_vmtest, devmodel's example): the real
+# xen-usb-dm binary, no VMM attached, passes a usb-storage stick through;
+# the example, a control-socket client, has it unplugged and re-plugged
+# (PT-WAIT unplug/replug) and waits for the events.
+#
+# Usage: tests/passthrough/run.sh [check | xhci | ehci | uhci | evdev | events | bench [MiB]]
+# (check = xhci + ehci + uhci + evdev + events).
 # Env: PT_KERNEL (default: the first of fetch.sh's kernels), PT_LOG (the
 # backend's tracing filter inside the VM, default info).
 set -euo pipefail
@@ -32,7 +38,7 @@ MODE=${1:-check}
 ARG=${2:-}
 eval "$("$ROOT/tests/guest/fetch.sh")"
 (cd "$ROOT" && cargo build --release -q -p passthrough --example vmtest --example vmtest_ehci --example vmtest_uhci \
-  && cargo build --release -q -p devmodel --example evdev_vmtest)
+  && cargo build --release -q -p devmodel --bin xen-usb-dm --example evdev_vmtest --example events_vmtest)
 K=${PT_KERNEL:-${KERNELS%% *}}
 export GUEST_SCRIPT=$HERE/guest.sh GUEST_MEM=1024 TIMEOUT=${PT_TIMEOUT:-290}
 export EXTRA_MODULES="fs/9p net/9p fs/netfs fs/fscache drivers/virtio drivers/input"
@@ -43,7 +49,8 @@ total_failed=0
 run_vm() {
   local mode=$1 min=$2 bin=$ROOT/target/release/examples/vmtest
   shift 2
-  case $mode in ehci|uhci) bin=${bin}_$mode ;; evdev) bin=$ROOT/target/release/examples/evdev_vmtest ;; esac
+  case $mode in ehci|uhci) bin=${bin}_$mode ;; evdev) bin=$ROOT/target/release/examples/evdev_vmtest ;;
+    events) bin=$ROOT/target/release/examples/events_vmtest ;; esac
   local W keep=0
   W=$(mktemp -d)
   truncate -s 64M "$W/stick.img"
@@ -96,7 +103,7 @@ key() { # $1 = true (press) | false (release)
   qmp '{"execute":"input-send-event","arguments":{"events":[{"type":"key","data":{"down":'"$1"',"key":{"type":"qcode","data":"a"}}}]}}'
 }
 
-if [ "$MODE" != ehci ] && [ "$MODE" != uhci ] && [ "$MODE" != evdev ]; then
+if [ "$MODE" != ehci ] && [ "$MODE" != uhci ] && [ "$MODE" != evdev ] && [ "$MODE" != events ]; then
   STICK_ID=ustick
   STICK='{"driver":"usb-storage","bus":"xhci.0","drive":"stick","id":"ustick","serial":"PT0001"}'
   xmode=$MODE
@@ -142,5 +149,16 @@ if [ "$MODE" = check ] || [ "$MODE" = evdev ]; then
   # the host's keyboard and tablet, our emulated ones reading them on our
   # xHCI; no USB devices of QEMU's.
   run_vm evdev 7
+fi
+if [ "$MODE" = check ] || [ "$MODE" = events ]; then
+  # The control socket's host-device events (events_vmtest): the real
+  # xen-usb-dm process (vfio-user, nobody connected) passes this stick
+  # through; unplugged and re-plugged through QMP on the VM's request.
+  STICK_ID=evstick
+  STICK='{"driver":"usb-storage","bus":"xhci.0","drive":"evdisk","id":"evstick","serial":"PTEV01"}'
+  run_vm events 8 \
+    -device qemu-xhci,id=xhci,p2=8,p3=8 \
+    -blockdev '{"driver":"raw","node-name":"evdisk","file":{"driver":"file","filename":"@W@/stick.img"}}' \
+    -device "$STICK"
 fi
 [ "$total_failed" = 0 ]

@@ -13,7 +13,7 @@
 //! btn/rel/abs for the mouse or tablet), `send-key` (QMP's: press in
 //! order, hold, release in reverse), `capture-start`/`capture-stop`,
 //! `quit`. Events (QMP's form, to every negotiated client): `DEVICE_ADDED`
-//! and `DEVICE_DELETED` (`{"device": ID, "port": PORT}`), `USB_HOST_DISCONNECTED`
+//! and `DEVICE_DELETED` (`{"device": ID, "port": N, "hub-port": N}`), `USB_HOST_DISCONNECTED`
 //! and `USB_HOST_CONNECTED` (a host device left or came back on the host),
 //! `CONTROLLER_RESET` (`{"resets": N}`: the guest reset the controller). Access is the
 //! socket's file permissions (0600, owner only). Every field is validated;
@@ -73,7 +73,8 @@ pub struct Target {
 #[derive(Debug, Default)]
 struct Seen {
     resets: Option<u64>,
-    hosts: Vec<(String, bool)>,
+    /// Per host device: id, times it went away, connected.
+    hosts: Vec<(String, u64, bool)>,
 }
 
 impl Target {
@@ -103,7 +104,7 @@ impl Target {
     /// Emits the events of what changed since `seen` without a command:
     /// `CONTROLLER_RESET` (`{"resets": N}`, the count since start) when the
     /// guest reset the controller, `USB_HOST_DISCONNECTED` /
-    /// `USB_HOST_CONNECTED` (`{"device": ID, "port": PORT}`) when a host
+    /// `USB_HOST_CONNECTED` (`{"device": ID, "port": N, "hub-port": N}`) when a host
     /// device left or came back on the host. Called by the accept loop
     /// (at least every 200 ms).
     fn watch(&self, seen: &mut Seen) {
@@ -115,27 +116,35 @@ impl Target {
             }
             seen.resets = Some(n);
         }
-        let now: Vec<(String, bool, String)> = self
+        let now: Vec<(String, u64, bool, hcd_emul::controller::PortPath)> = self
             .plugged()
             .iter()
             .filter_map(|p| {
                 let m = p.host.as_ref()?;
-                Some((p.id.clone(), m.connected(), p.port.to_string()))
+                // Read the count first: a disconnect between the two reads
+                // then shows as "gone" now and is counted next time.
+                let gone = m.stats().disconnects;
+                Some((p.id.clone(), gone, m.connected(), p.port))
             })
             .collect();
-        for (id, up, port) in &now {
-            let before = seen.hosts.iter().find(|(i, _)| i == id).map(|(_, u)| *u);
-            if before.is_some_and(|b| b != *up) {
-                let name = if *up {
-                    "USB_HOST_CONNECTED"
-                } else {
-                    "USB_HOST_DISCONNECTED"
-                };
-                self.events
-                    .emit(name, serde_json::json!({"device": id, "port": port}));
+        for (id, gone, up, port) in &now {
+            let Some((_, gone_before, up_before)) = seen.hosts.iter().find(|(i, ..)| i == id)
+            else {
+                continue;
+            };
+            // A device that left and came back between two looks still
+            // shows both events (its disconnect count moved).
+            let left = gone > gone_before || (*up_before && !up);
+            let came = *up && (left || !up_before);
+            let data = located(id, *port);
+            if left {
+                self.events.emit("USB_HOST_DISCONNECTED", data.clone());
+            }
+            if came {
+                self.events.emit("USB_HOST_CONNECTED", data);
             }
         }
-        seen.hosts = now.into_iter().map(|(i, u, _)| (i, u)).collect();
+        seen.hosts = now.into_iter().map(|(i, g, u, _)| (i, g, u)).collect();
     }
 
     fn plugged(&self) -> std::sync::MutexGuard<'_, Vec<Plugged>> {
@@ -253,6 +262,13 @@ impl Drop for Control {
 }
 
 /// Waits up to `ms` for `fd` to be readable.
+/// Where device `id` is, as events and `device_add` give it: the fields
+/// `query-usb` uses (`port` the root port, `hub-port` 0 or the port of
+/// EHCI's built-in hub).
+pub(crate) fn located(id: &str, at: hcd_emul::controller::PortPath) -> serde_json::Value {
+    serde_json::json!({"device": id, "port": at.root, "hub-port": at.hub})
+}
+
 pub(crate) fn readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,

@@ -264,11 +264,10 @@ impl<'a> Session<'a> {
         });
         drop(plugged);
         tracing::info!("control: {id}: {desc} on {port}");
-        let port = port.to_string();
         self.target
             .events
-            .emit("DEVICE_ADDED", json!({"device": id, "port": port}));
-        Ok(json!({"id": id, "port": port}))
+            .emit("DEVICE_ADDED", super::located(id, port));
+        Ok(json!({"id": id, "port": port.root, "hub-port": port.hub}))
     }
 
     /// `device_del {"id": ID}`: unplugs the device (the guest sees it
@@ -297,10 +296,9 @@ impl<'a> Session<'a> {
         }
         drop(p.capture.stop());
         tracing::info!("control: {id}: unplugged from {port}");
-        let port = port.to_string();
         self.target
             .events
-            .emit("DEVICE_DELETED", json!({"device": id, "port": port}));
+            .emit("DEVICE_DELETED", super::located(id, port));
         Ok(json!({}))
     }
 

@@ -496,11 +496,14 @@ fn device_add_and_del_with_events_to_every_negotiated_client() {
     // Added: a stick on the freed port; its id shows in query-usb.
     let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "stick", "kind": "storage", "image": f}, "id": 5}));
     assert_eq!(r["id"], 5, "{r}");
-    let port = r["return"]["port"].as_str().expect("a port").to_string();
+    let port = r["return"]["port"].as_u64().expect("a port");
+    // The same fields as query-usb's (the stick is on a root port).
+    let at = json!({"device": "stick", "port": port, "hub-port": 0});
+    assert_eq!(r["return"]["hub-port"], 0, "{r}");
     assert_eq!(r["return"]["id"], "stick");
     let ev = watcher.read().expect("an event");
     assert_eq!(ev["event"], "DEVICE_ADDED");
-    assert_eq!(ev["data"], json!({"device": "stick", "port": port}));
+    assert_eq!(ev["data"], at);
     assert_eq!(c.read().unwrap()["event"], "DEVICE_ADDED");
     let list = devs(&mut c);
     let stick: Vec<_> = list.iter().filter(|d| d["id"] == "stick").collect();
@@ -518,7 +521,7 @@ fn device_add_and_del_with_events_to_every_negotiated_client() {
     assert_eq!(r, json!({"return": {}}));
     let ev = watcher.read().expect("an event");
     assert_eq!(ev["event"], "DEVICE_DELETED");
-    assert_eq!(ev["data"], json!({"device": "stick", "port": port}));
+    assert_eq!(ev["data"], at);
     assert_eq!(c.read().unwrap()["event"], "DEVICE_DELETED");
     let r = c.cmd(json!({"execute": "device_del", "arguments": {"id": "stick"}}));
     assert_eq!(class(&r), "DeviceNotFound", "{r}");
@@ -528,7 +531,7 @@ fn device_add_and_del_with_events_to_every_negotiated_client() {
     assert!(err(&r).contains("'force' is unexpected"), "{r}");
     // A tablet added takes pointer input at once.
     let r = c.cmd(json!({"execute": "device_add", "arguments": {"id": "tab2", "kind": "tablet"}}));
-    assert!(r["return"]["port"].is_string(), "{r}");
+    assert!(r["return"]["port"].is_u64(), "{r}");
     assert_eq!(c.read().unwrap()["event"], "DEVICE_ADDED");
     let r = c.cmd(
         json!({"execute": "input-send-event", "arguments": {"events": [
