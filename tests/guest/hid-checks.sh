@@ -61,6 +61,50 @@ got=$(events /tmp/tab 1)
 want="272:1 272:0 "
 [ "$got" = "$want" ] && res tablet_button_exact PASS "$got" || res tablet_button_exact FAIL "got '$got' want '$want'"
 
+# Selective suspend and remote wakeup: both devices allowed to
+# autosuspend (power/control=auto) while their evdev nodes are held open,
+# so usbhid needs remote wakeup: the guest enables it (SET_FEATURE) and
+# suspends the ports (then, all ports suspended, the root hub: xHCI bus
+# suspend, EHCI halted, UHCI global suspend). The host then sends a key
+# and a tablet position: each device signals resume, the controller shows
+# it (xHCI Resume + PLC, EHCI FPR + PCD, UHCI Resume Detect), the guest
+# resumes the port and the events arrive, exactly.
+usbdev() { # the USB device directory of evdev node $1
+  p=$(readlink -f "/sys/class/input/${1##*/}/device")
+  while [ "$p" != / ] && [ ! -e "$p/idVendor" ]; do p=${p%/*}; done
+  echo "$p"
+}
+kd=$(usbdev "$kb") td=$(usbdev "$tab")
+cat "$kb" > /tmp/kb2 & p1=$!
+cat "$tab" > /tmp/tab2 & p2=$!
+for u in $kd $td; do echo 500 > "$u/power/autosuspend_delay_ms"; echo auto > "$u/power/control"; done
+st() { cat "$1/power/runtime_status" 2>/dev/null; }
+both() { [ "$(st $kd)" = suspended ] && [ "$(st $td)" = suspended ]; }
+# Both suspended, and still so 200 ms later (seen once on the UHCI with
+# 6.12: the tablet back to active right after its suspend).
+t=$(now_ms); i=0
+while ! { both && usleep 200000 && both; } && [ $i -lt 300 ]; do
+  usleep 50000; i=$((i + 1))
+done
+rh=/sys/bus/usb/devices/usb$(cat "$kd/busnum")
+if both; then
+  res hid_suspend PASS "keyboard and tablet suspended after $(( $(now_ms) - t )) ms, root hub $(st $rh)"
+  echo "HID-SUSPENDED"
+  t=$(now_ms); i=0
+  while { [ "$(n_keys /tmp/kb2)" -lt 2 ] || [ "$(events /tmp/tab2 3 | wc -w)" -lt 2 ]; } && [ $i -lt 400 ]; do
+    usleep 50000; i=$((i + 1))
+  done
+  got="$(events /tmp/kb2 1)/$(events /tmp/tab2 3)"
+  want="46:1 46:0 /0:1000 1:2000 "
+  [ "$got" = "$want" ] && res hid_remote_wakeup PASS "key and position after $(( $(now_ms) - t )) ms (keyboard $(st $kd), tablet $(st $td))" \
+    || { res hid_remote_wakeup FAIL "got '$got' want '$want' (keyboard $(st $kd), tablet $(st $td))"; dmesg | tail -20; }
+else
+  res hid_suspend FAIL "keyboard $(st $kd), tablet $(st $td) after $(( $(now_ms) - t )) ms ($i looks)"; dmesg | tail -20
+  echo "HID-SUSPENDED"
+fi
+kill $p1 $p2 2>/dev/null
+for u in $kd $td; do echo on > "$u/power/control"; done
+
 # Hot-plug (hot=1 on the command line: the xHCI and EHCI cells; the
 # UHCI's two ports hold the keyboard and tablet): the host adds a stick
 # through the control socket (device_add) while the guest runs; the guest

@@ -75,6 +75,8 @@ hid_run() {
   fi
   HC=$hc NOSTICK=true KBD=true TABLET=true CONTROL=$W/ctl.sock start_dm "$DM" "$W" false "$W/dm.log"
   local t=$(date +%s)
+  # The control socket's events, as a client sees them (checked below).
+  python3 "$HERE/events.py" "$W/ctl.sock" > "$W/events.log" 2>&1 & local evp=$!
   rm -f "$W/guest.log"
   GUEST_SCRIPT=$HERE/hid-checks.sh EXTRA_MODULES=drivers/input APPEND="hc=$hc hot=$hot hot_sha=$hot_sha" \
     "$HERE/boot.sh" "$K" "$W/guest.log" -device "$(vfio_dev "$W")" &
@@ -94,6 +96,13 @@ hid_run() {
         '{"execute":"input-send-event","arguments":{"events":[{"type":"btn","data":{"down":false,"button":"left"}}]}}' \
         > /dev/null || echo "  [$K $label] control socket: input-send-event (release) failed"
     fi
+    # Input for the suspended devices: it must wake them.
+    if [ $sent = 1 ] && grep -q HID-SUSPENDED "$W/guest.log" 2>/dev/null; then
+      sent=2
+      python3 "$ROOT/tests/passthrough/qmp.py" "$W/ctl.sock" \
+        '{"execute":"input-send-event","arguments":{"events":['"$(ev c true),$(ev c false)"',{"type":"abs","data":{"axis":"x","value":1000}},{"type":"abs","data":{"axis":"y","value":2000}}]}}' \
+        > /dev/null || echo "  [$K $label] control socket: input-send-event (wakeup) failed"
+    fi
     # The hot-plug steps, each once, when the guest asks.
     if [ $hp = 0 ] && grep -q HOTPLUG-ADD "$W/guest.log" 2>/dev/null; then
       hp=1; ctl device_add id=hot kind=storage image="$W/hot.img"
@@ -106,7 +115,15 @@ hid_run() {
   done
   if wait $boot; then st=PASS; else st=FAIL; fail=1; fi
   stop_dm
+  kill $evp 2>/dev/null || true; wait $evp 2>/dev/null || true
   grep -E '^(RESULT|METRIC)' "$W/guest.log" | sed "s/^/  [$K $label] /" || true
+  # The events: first the guest driver's controller reset at probe, then
+  # the hot-plug steps in order with their ids.
+  local want="CONTROLLER_RESET" got
+  [ $hot = 1 ] && want="$want DEVICE_ADDED:hot DEVICE_DELETED:hot DEVICE_ADDED:hot2"
+  got="$(head -1 "$W/events.log" | cut -d' ' -f1) $(sed -n 's/^\(DEVICE_[A-Z]*\) .*"device": "\([^"]*\)".*/\1:\2/p' "$W/events.log" | tr '\n' ' ')"
+  if [ "${got% }" = "$want" ]; then echo "  [$K $label] RESULT control_events PASS $want"; passed=$((passed + 1))
+  else echo "  [$K $label] RESULT control_events FAIL got '${got% }' want '$want'"; fail=1; failed=$((failed + 1)); fi
   # The host's view of what the guest wrote to the hot-added stick.
   if read -r _ off len sum < <(tr -d '\r' < "$W/guest.log" | grep '^HOTCHECK'); then
     got=$(dd if="$W/hot.img" bs=64k skip=$((off / 65536)) count=$((len / 65536)) 2>/dev/null | sha256sum | cut -d' ' -f1)

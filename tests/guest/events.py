@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""events.py SOCKET: connects to xen-usb-dm's control socket, negotiates,
+and prints the name of every event it receives, one per line (flushed),
+until the socket closes or it is killed."""
+import json
+import socket
+import sys
+
+
+def main():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    f = s.makefile("rw")
+    json.loads(f.readline())  # greeting
+    f.write(json.dumps({"execute": "qmp_capabilities"}) + "\n")
+    f.flush()
+    for line in f:
+        r = json.loads(line)
+        if "event" in r:
+            print(r["event"], json.dumps(r.get("data", {}), sort_keys=True), flush=True)
+
+
+main()
