@@ -202,21 +202,9 @@ impl Drop for Uinput {
     }
 }
 
-struct Results {
-    failed: usize,
-}
-
-impl Results {
-    fn check(&mut self, name: &str, ok: bool, detail: impl std::fmt::Display) {
-        println!(
-            "RESULT {name} {} {detail}",
-            if ok { "PASS" } else { "FAIL" }
-        );
-        if !ok {
-            self.failed += 1;
-        }
-    }
-}
+#[path = "common/results.rs"]
+mod results;
+use results::Results;
 
 /// An interrupt IN pipe of an enumerated HID device: reports one at a
 /// time, one TD outstanding.

@@ -33,21 +33,9 @@ const SERIAL: &str = "PTEV01";
 const SYSFS: &str = "/sys/bus/usb/devices";
 const ID: &str = "device[0]";
 
-struct Results {
-    failed: usize,
-}
-
-impl Results {
-    fn check(&mut self, name: &str, ok: bool, detail: impl std::fmt::Display) {
-        println!(
-            "RESULT {name} {} {detail}",
-            if ok { "PASS" } else { "FAIL" }
-        );
-        if !ok {
-            self.failed += 1;
-        }
-    }
-}
+#[path = "common/results.rs"]
+mod results;
+use results::Results;
 
 /// The stick as the VM kernel sees it.
 #[derive(Debug, Clone)]
