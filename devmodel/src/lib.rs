@@ -487,17 +487,20 @@ pub fn run_wrapped(
         }
         return run_xen(cfg, Some(domid), ready, stop);
     };
-    if cfg.control.is_some() {
-        // The service runs several controllers, each on its own thread;
-        // the control socket does not serve them yet.
+    if cfg.control.is_some() && cfg.controller.is_none() {
+        // The control socket serves the configured controller; xl's own
+        // (usbctrl) are xl's to manage with its USB commands.
         anyhow::bail!(
-            "control.socket: not available in wrapper mode with xl's USB commands yet \
-             (remove [control], or run next to xl create -p)"
+            "control.socket: serves the [controller] of xen-dm.toml, and there is none \
+             (xl's usbctrl controllers take xl's USB commands: usbdev-attach/-detach)"
         );
     }
     let mut svc = service::Service::new(cfg.clone(), domid);
+    let quit = Arc::new(AtomicBool::new(false));
+    let mut _control = None;
     if cfg.controller.is_some() {
-        svc.start_configured()?;
+        let (mailbox, mut inputs) = svc.start_configured()?;
+        _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
     }
     info!(
         "xen-usb-dm: ready: domain {domid}{}, serving xl's USB commands on libxl's monitor",
@@ -508,7 +511,7 @@ pub fn run_wrapped(
     );
     ready();
     let mut proxy = qmp::proxy::Proxy::new(qmp.libxl, qmp.qemu, svc)?;
-    let end = proxy.run(stop)?;
+    let end = proxy.run(|| stop() || quit.load(Ordering::Relaxed))?;
     info!("xen-usb-dm: stopping ({end:?})");
     proxy.host_mut().shutdown();
     Ok(())

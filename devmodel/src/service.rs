@@ -67,8 +67,9 @@ impl Service {
     }
 
     /// Starts the controller the configuration describes, with its
-    /// devices, at `transport.pci`.
-    pub fn start_configured(&mut self) -> anyhow::Result<()> {
+    /// devices, at `transport.pci`. Returns what the control socket needs
+    /// of it: its mailbox and its devices.
+    pub fn start_configured(&mut self) -> anyhow::Result<(Mailbox, crate::Inputs)> {
         let (seg, bus, dev, func) = self
             .cfg
             .transport
@@ -77,7 +78,7 @@ impl Service {
             .and_then(config::parse_pci)
             .context("transport.pci")?;
         let model = crate::model_of(&self.cfg);
-        self.spawn(
+        let inputs = self.spawn(
             CONFIGURED,
             model,
             Sbdf {
@@ -87,32 +88,40 @@ impl Service {
                 func,
             },
             true,
-        )
+        )?;
+        let mailbox = self
+            .ctrl(CONFIGURED)
+            .map(|c| c.mailbox.clone())
+            .context("the configured controller")?;
+        Ok((mailbox, inputs))
     }
 
-    fn spawn(&mut self, id: &str, model: HcModel, sbdf: Sbdf, devices: bool) -> anyhow::Result<()> {
+    /// Starts a controller on its own thread; returns its devices (those
+    /// of the configuration if `devices`).
+    fn spawn(
+        &mut self,
+        id: &str,
+        model: HcModel,
+        sbdf: Sbdf,
+        devices: bool,
+    ) -> anyhow::Result<crate::Inputs> {
         let cfg = self.cfg.clone();
         let domid = self.domid;
         let stop = self.stop.clone();
-        let (tx, rx) = mpsc::sync_channel::<Result<Mailbox, String>>(1);
+        let (tx, rx) = mpsc::sync_channel::<Result<(Mailbox, crate::Inputs), String>>(1);
         let name = format!("usb-{id}");
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || -> anyhow::Result<()> {
-                let mut server = match crate::xen_server(
-                    &cfg,
-                    model,
-                    devices,
-                    domid,
-                    sbdf,
-                    &mut crate::Inputs::default(),
-                ) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("{e:#}")));
-                        return Err(e);
-                    }
-                };
+                let mut inputs = crate::Inputs::default();
+                let mut server =
+                    match crate::xen_server(&cfg, model, devices, domid, sbdf, &mut inputs) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(format!("{e:#}")));
+                            return Err(e);
+                        }
+                    };
                 let mailbox = match server.waker() {
                     Ok(w) => Mailbox::new(w),
                     Err(e) => {
@@ -120,7 +129,7 @@ impl Service {
                         return Err(e.into());
                     }
                 };
-                let _ = tx.send(Ok(mailbox.clone()));
+                let _ = tx.send(Ok((mailbox.clone(), inputs)));
                 let exit =
                     server.run_with(|| stop.load(Ordering::Relaxed), |pci| mailbox.run(pci))?;
                 info!("xen-usb-dm: controller at {sbdf:?} stopping ({exit:?})");
@@ -128,7 +137,7 @@ impl Service {
             })
             .context("spawning a controller thread")?;
         match rx.recv() {
-            Ok(Ok(mailbox)) => {
+            Ok(Ok((mailbox, inputs))) => {
                 self.ctrls.push(Controller {
                     id: id.to_owned(),
                     sbdf,
@@ -137,7 +146,7 @@ impl Service {
                     thread: Some(thread),
                     devices: Vec::new(),
                 });
-                Ok(())
+                Ok(inputs)
             }
             Ok(Err(e)) => {
                 let _ = thread.join();

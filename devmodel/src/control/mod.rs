@@ -228,12 +228,31 @@ pub struct Control {
 
 impl Control {
     /// Binds `path` (owner-only permissions) and serves `target` on it.
+    /// A socket left there by a process that is gone (one that ran
+    /// chrooted cannot remove it on exit) is replaced; one a running
+    /// process still answers on, or a file that is not a socket, is not.
     pub fn start(path: &Path, target: Target) -> io::Result<Control> {
-        if path.exists() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{}: already exists", path.display()),
-            ));
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            let stale = m.file_type().is_socket()
+                && UnixStream::connect(path)
+                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: already exists ({})",
+                        path.display(),
+                        if m.file_type().is_socket() {
+                            "a running process serves it"
+                        } else {
+                            "not a socket"
+                        }
+                    ),
+                ));
+            }
+            guest_info!(target: "control", "{}: removing a stale socket", path.display());
+            std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
@@ -261,7 +280,6 @@ impl Drop for Control {
     }
 }
 
-/// Waits up to `ms` for `fd` to be readable.
 /// Where device `id` is, as events and `device_add` give it: the fields
 /// `query-usb` uses (`port` the root port, `hub-port` 0 or the port of
 /// EHCI's built-in hub).
@@ -269,6 +287,7 @@ pub(crate) fn located(id: &str, at: hcd_emul::controller::PortPath) -> serde_jso
     serde_json::json!({"device": id, "port": at.root, "hub-port": at.hub})
 }
 
+/// Waits up to `ms` for `fd` to be readable.
 pub(crate) fn readable(fd: i32, ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,

@@ -576,3 +576,30 @@ fn a_guest_reset_of_the_controller_is_an_event() {
         true
     );
 }
+
+/// The socket path at start: a socket a running server answers on is
+/// refused, so is a file that is not a socket; a stale socket (its server
+/// gone without removing it, as a chrooted one must) is replaced.
+#[test]
+fn start_refuses_a_live_socket_and_replaces_a_stale_one() {
+    let b = bed();
+    let target = || {
+        let mb = Mailbox::new(Box::new(|| {}));
+        Target::new(mb, Model::Uhci, Vec::new(), Arc::new(AtomicBool::new(false)))
+    };
+    let e = Control::start(&b.path, target()).expect_err("a live socket");
+    assert!(e.to_string().contains("a running process serves it"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let e = Control::start(&file, target()).expect_err("not a socket");
+    assert!(e.to_string().contains("not a socket"), "{e}");
+    let stale = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists(), "a listener dropped leaves its file");
+    let c = Control::start(&stale, target()).expect("a stale socket replaced");
+    let s = UnixStream::connect(&stale).expect("served");
+    drop(s);
+    drop(c);
+    assert!(!stale.exists(), "removed when the server stops");
+}
