@@ -9,9 +9,13 @@
 #   /mnt/share/run/MODE/guest.cfg   xl configuration of that mode's HVM guest
 #                                   (named xtb-MODE)
 #   /mnt/share/run/MODE/stick.img   the USB stick's image
+#   /mnt/share/hot.img              beside's hot-added stick (read-only)
 # Runs one guest per mode in MODES, one after the other:
 #   beside  creates the guest paused (`xl create -p`), starts xen-usb-dm for
-#           its domid next to it, unpauses it;
+#           its domid next to it (with our tablet and a control socket),
+#           unpauses it; while the guest runs, injects a pointer event and
+#           hot-adds and removes /mnt/share/hot.img through the socket
+#           (`xen-usb-dm ctl`) when the guest asks (hid_step);
 #   intx    the same (its guest.cfg boots the guest with pci=nomsi);
 #   wrap    the guest's cfg names run/wrap/dm-wrap as device_model_override;
 #           that script runs `xen-usb-dm --wrap QEMU_XEN -- "$@"`, so libxl
@@ -197,8 +201,10 @@ run_mode() {
   # xl: no controller, no device, no PCI slot: libxl's usbctrl/usbdev
   # (QMP device_add) make them (XL_DEPRIV=0: not deprivileged either, for
   # a device model that must open /dev/bus/usb after set-up).
+  # beside: also our tablet and the control socket CTL (hid_step); its
+  # chroot is CHROOT, which holds the image it hot-adds.
   write_toml() {
-    mkdir -p /run/xen-usb-dm-empty
+    mkdir -p "$CHROOT"
     { if [ "$mode" != xl ]; then
         echo '[controller]'
         case $mode in ehci|uhci) echo "model = \"$mode\"" ;; *) echo 'model = "xhci"' ;; esac
@@ -211,7 +217,7 @@ run_mode() {
         echo 'restrict = true'
         echo 'uid = 65534'
         echo 'gid = 65534'
-        echo 'chroot = "/run/xen-usb-dm-empty"'
+        echo "chroot = \"$CHROOT\""
       elif [ "$mode" = xl ]; then
         # Xen descriptors restricted to the guest; no uid/chroot, so host
         # devices can still be opened for xl usbdev-attach at run time.
@@ -223,7 +229,96 @@ run_mode() {
         echo "image = \"$STICK\""
         [ "$mode" = uhci ] && echo 'speed = "full"' || echo 'speed = "high"'
       fi
+      if [ -n "$CTL" ]; then
+        [ "$mode" = wrap ] || { echo '[[device]]'; echo 'kind = "tablet"'; }
+        echo '[control]'
+        echo "socket = \"$CTL\""
+      fi
     } > "$R/xen-dm.toml"
+  }
+
+  # beside: xen-usb-dm's control socket, driven with its own client
+  # (`xen-usb-dm ctl CTL ...`, each call's output in run/MODE/ctl.log), one
+  # step per line the guest prints (guest-init.sh's hid_checks): on
+  # HID-READY an absolute position (x 16384, y 8192) with the left button
+  # down, then the button up (input-send-event: ctl_input); on HOTPLUG-ADD
+  # a read-only stick (device_add: ctl_device_add); on HOTPLUG-DEL its
+  # removal (device_del: ctl_device_del). The device model runs as uid
+  # 65534 chrooted in CHROOT by then, so device_add's image is a path in
+  # CHROOT (/hot.img), readable by that uid.
+  CHROOT=/run/xen-usb-dm-empty CTL="" hid_state="" wctl_state=""
+  if [ "$mode" = beside ] && [ "$DM" != none ]; then
+    CHROOT=/run/xen-usb-dm-beside CTL=/run/xen-usb-dm-ctl/beside.ctl hid_state=ready
+  fi
+  # wrap: the control socket of the wrapper (libxl's monitor interposed,
+  # the service running the configured controller): once the guest runs,
+  # dom0 lists the devices (the configured stick, device[0]), plugs a
+  # keyboard in and takes it out again (wctl_step).
+  if [ "$mode" = wrap ] && [ "$DM" != none ]; then
+    CTL=/run/xen-usb-dm-ctl/wrap.ctl wctl_state=query
+  fi
+  wctl_step() {
+    case $wctl_state in
+      query)
+        if dm_ctl query-usb && case $OUT in *"device[0]: storage"*) true ;; *) false ;; esac; then
+          result ctl_wrap_query PASS "$OUT"
+        else
+          result ctl_wrap_query FAIL "$OUT"
+        fi
+        wctl_state=add ;;
+      add)
+        dm_ctl device_add id=kb kind=keyboard && case $OUT in "kb: plugged in at port"*) true ;; *) false ;; esac \
+          && result ctl_wrap_device_add PASS "$OUT" || result ctl_wrap_device_add FAIL "$OUT"
+        wctl_state=del ;;
+      del)
+        dm_ctl device_del kb && [ "$OUT" = ok ] && result ctl_wrap_device_del PASS "$OUT" \
+          || result ctl_wrap_device_del FAIL "$OUT"
+        wctl_state=done ;;
+    esac
+  }
+  # dm_ctl ARGS...: one ctl call (bounded); its output in OUT, its status returned.
+  dm_ctl() {
+    local rc=0
+    OUT=$(timeout -k 2 30 "$DM" ctl "$CTL" "$@" 2>&1) || rc=$?
+    OUT=${OUT//$'\n'/ }
+    echo "$(up) ctl $*: exit $rc: $OUT" >> "$R/ctl.log"
+    [ "$rc" = 0 ] || OUT="exit $rc${OUT:+: $OUT}"
+    return "$rc"
+  }
+  # seen: SEEN = the guest's step lines so far, read with bash builtins
+  # (no helper forked at each poll; see the note on dom0's processes at
+  # the top).
+  seen() {
+    local l
+    SEEN=""
+    [ -r "$CONSOLE" ] || return 0
+    while IFS= read -r l; do
+      case $l in HID-READY*|HOTPLUG-ADD*|HOTPLUG-DEL*) SEEN="$SEEN ${l%% *}" ;; esac
+    done < "$CONSOLE"
+  }
+  hid_step() {
+    seen
+    case $hid_state in
+      ready)
+        # (a guest without its tablet goes on to the hot-plug steps)
+        case $SEEN in *HID-READY*) ;; *HOTPLUG-ADD*) hid_state=add; return 0 ;; *) return 0 ;; esac
+        if dm_ctl execute input-send-event '{"events":[{"type":"abs","data":{"axis":"x","value":16384}},{"type":"abs","data":{"axis":"y","value":8192}},{"type":"btn","data":{"down":true,"button":"left"}}]}' \
+           && dm_ctl execute input-send-event '{"events":[{"type":"btn","data":{"down":false,"button":"left"}}]}'; then
+          result ctl_input PASS "x 16384 y 8192, left button down and up"
+        else
+          result ctl_input FAIL "$OUT"
+        fi
+        hid_state=add ;;
+      add)
+        case $SEEN in *HOTPLUG-ADD*) ;; *) return 0 ;; esac
+        dm_ctl device_add id=hot kind=storage image=/hot.img readonly=true \
+          && result ctl_device_add PASS "$OUT" || result ctl_device_add FAIL "$OUT"
+        hid_state=del ;;
+      del)
+        case $SEEN in *HOTPLUG-DEL*) ;; *) return 0 ;; esac
+        dm_ctl device_del hot && result ctl_device_del PASS "$OUT" || result ctl_device_del FAIL "$OUT"
+        hid_state=done ;;
+    esac
   }
 
   # xl modes: `xl usb-list` into run/MODE/usb-list-NAME.txt; checks that
@@ -312,6 +407,8 @@ run_mode() {
     [ -n "$stock" ] || [ "$DM" != none ] || { result wrap FAIL "$mode mode needs a device model"; exit 0; }
     rm -f "$QEMU_LOG"
     if [ -n "$wrapped" ]; then
+      # (a socket left by an earlier run is replaced by the device model)
+      [ -z "$CTL" ] || mkdir -p "${CTL%/*}"
       write_toml
       # The script libxl runs instead of QEMU (named in guest.cfg), as in
       # the README. Its name must not contain "xen-usb-dm" (dm_procs). It
@@ -392,6 +489,12 @@ WRAP
     domid=$(xl domid "$NAME")
     result xl_create PASS "domid $domid"
     if [ "$DM" != none ]; then
+      if [ -n "$CTL" ]; then
+        # (a socket left by an earlier device model, which cannot remove
+        # it from inside its chroot, is replaced by the next one)
+        mkdir -p "$CHROOT" "${CTL%/*}"
+        install -m 644 /mnt/share/hot.img "$CHROOT/hot.img"
+      fi
       write_toml "$domid"
       XEN_USB_DM_LOG=$DM_LOG NO_COLOR=1 "$DM" --config "$R/xen-dm.toml" 2> "$R/dm.log" &
       dm_pid=$!
@@ -431,6 +534,8 @@ WRAP
     fi
     polls=$((polls + 1))
     [ -z "$xl_state" ] || xl_step
+    [ -z "$hid_state" ] || [ -z "$started" ] || hid_step
+    [ -z "$wctl_state" ] || [ -z "$started" ] || wctl_step
     # Test hook (XTB_STALL_TEST=1): the first guest is paused 20 s after
     # unpause, which must look like a stalled guest.
     if [ "${STALL_TEST:-0}" = 1 ] && [ ! -f /tmp/stall-test-done ] && older "$t_unpause" 20; then
@@ -508,6 +613,14 @@ WRAP
     if [ -n "$at" ] && [ "$at" = "$g" ]; then result dm_usbctrl PASS "xHCI at $at"
     else result dm_usbctrl FAIL "device model: '${at:-no usbctrl line}', guest: '${g:-no xHCI}'"; fi
   esac
+  if [ -n "$hid_state" ]; then
+    [ "$hid_state" = done ] && result ctl_sequence PASS "input, device_add, device_del" \
+      || result ctl_sequence FAIL "stopped at $hid_state"
+  fi
+  if [ -n "$wctl_state" ]; then
+    [ "$wctl_state" = done ] && result ctl_wrap_sequence PASS "query-usb, device_add, device_del" \
+      || result ctl_wrap_sequence FAIL "stopped at $wctl_state"
+  fi
   case $mode in xl|xlref)
     [ "$xl_state" = done ] && result xl_sequence PASS "detached and re-attached" \
       || result xl_sequence FAIL "stopped at $xl_state"
@@ -556,7 +669,7 @@ for mode in $MODES; do
     # never another boot: the last guest's results stand (a fault of ours
     # fails both), and run.sh prints the earlier guest's failed checks.
     if [ ! -f "$TOP/$mode/attempt-status" ] && [ "$a" -lt "$GUEST_ATTEMPTS" ]; then
-      f=$( { grep -h ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null | awk '{print $2}'
+      f=$( { grep -ah ' FAIL ' "$TOP/$mode/results.txt" 2>/dev/null | awk '{print $2}'
              tr -d '\r' < "$c" 2>/dev/null | sed -n 's/^RESULT \([^ ]*\) FAIL.*/\1/p'; } | sort -u | tr '\n' ' ')
       if grep -q '^GUEST-SETUP-FAILED' "$c" 2>/dev/null; then
         grep -m1 '^GUEST-SETUP-FAILED' "$c" | tr -d '\r' > "$TOP/$mode/attempt-status"

@@ -19,8 +19,9 @@
 #                          for bookworm) with xen-utils, xenstore-utils,
 #                          qemu-system-xen, busybox as ext4 made with
 #                          mkfs.ext4 -d, /sbin/xtb-init = dom0-init.sh
-#   guest initrd           busybox + xhci_pci, usb-storage, sd_mod and their
-#                          dependencies, /init = guest-init.sh
+#   guest initrd           busybox + xhci_pci, usb-storage, sd_mod, usbhid,
+#                          hid-generic, evdev and their dependencies,
+#                          /init = guest-init.sh
 #
 # Prints shell assignments for the caller to eval (OUTER_QEMU XEN_SERIES
 # XEN_ELF XEN_VERSION KERNEL_VERSION DOM0_KERNEL DOM0_INITRD DOM0_IMG
@@ -168,7 +169,8 @@ GUEST_INITRD=$XD/guest-initrd-$KERNEL_VERSION-$k.cpio.gz
 if [ ! -f "$GUEST_INITRD" ]; then
   log "guest initrd"
   BUSYBOX=$BUSYBOX "$HERE/mkinitrd.sh" "$KDIR" "$KERNEL_VERSION" "$GUEST_INITRD.tmp" \
-      "$HERE/guest-init.sh" xhci_pci xhci_hcd ehci_pci ehci_hcd uhci_hcd usb-storage sd_mod scsi_mod usb_common usbcore
+      "$HERE/guest-init.sh" xhci_pci xhci_hcd ehci_pci ehci_hcd uhci_hcd usb-storage sd_mod scsi_mod usb_common usbcore \
+      usbhid hid-generic evdev
   rm -f "$XD"/guest-initrd-*.cpio.gz; mv "$GUEST_INITRD.tmp" "$GUEST_INITRD"
 fi
 

@@ -16,9 +16,16 @@
 #   XL-WAIT-DETACH / XL-WAIT-ATTACH / XL-WAITING <s>   (xl mode) what the
 #                                  guest waits for dom0 to do, and that it
 #                                  is still waiting (every 10 s)
+#   HID-READY / HOTPLUG-ADD / HOTPLUG-DEL / HID-WAITING <s>   (hid=1) the
+#                                  same for the control socket's steps
 # Kernel command line: stick_bytes=N (expected size of the stick),
 # irq_model=ERE (what xhci_hcd's /proc/interrupts line must match; _ = blank),
 # io_mib=N (MiB written and read back, at 4 MiB; default 1).
+# hid=1 (beside): our tablet is there too; once the stick is up the guest
+# checks that usbhid binds it and that the position and click dom0 injects
+# through xen-usb-dm's control socket arrive in its evdev node, then that
+# a stick dom0 hot-adds (device_add, read-only: hot_bytes of data with
+# sha256 hot_sum) appears and reads back right, and goes on device_del.
 # xtb_mode=xl: the stick is a host device that libxl attached (usbctrl,
 # usbdev); the guest reads ostick_len bytes at ostick_off and compares with
 # ostick_sum, prints XL-WAIT-DETACH and waits for the disk to go (dom0 runs
@@ -55,6 +62,82 @@ irq_count() {
 }
 echo "GUEST-START $(ms)"
 
+# hid=1: the tablet and the hot-added stick, each step started by dom0
+# when the guest says so on its console (dom0-run.sh's hid_step); every
+# wait is bounded and says HID-WAITING every 10 s.
+# tablet: the evdev node of our tablet ("hcd-emul USB Tablet"), if any.
+tablet() {
+  for e in /sys/class/input/event*; do
+    grep -qs 'hcd-emul.*Tablet' "$e/device/name" && { echo "/dev/input/${e##*/}"; return; }
+  done
+}
+# evs FILE TYPE: "code:value " of the events of TYPE in FILE (struct
+# input_event on x86-64: 16 bytes of time, u16 type, u16 code, s32 value).
+evs() { od -An -v -tu2 -w24 "$1" | awk -v t="$2" '$9 == t {printf "%s:%s ", $10, $11 + 65536 * $12}'; }
+# hot_disk: a disk other than the configured stick (sda), once its node is there.
+hot_disk() {
+  for b in /sys/block/sd*; do
+    [ "${b##*/}" != sda ] && [ -b "/dev/${b##*/}" ] && { echo "${b##*/}"; return; }
+  done
+}
+# hid_wait COND SECONDS: polls COND every 0.1 s.
+hid_wait() {
+  i=0
+  while ! eval "$1" && [ $i -lt $(($2 * 10)) ]; do
+    usleep 100000; i=$((i + 1))
+    [ $((i % 100)) != 0 ] || echo "HID-WAITING $((i / 10))"
+  done
+  eval "$1"
+}
+hid_checks() {
+  t0=$(ms)
+  if hid_wait '[ -n "$(tablet)" ]' 20; then
+    tab=$(tablet) e=/sys/class/input/event${tab##*event}
+    # the input device's HID device (hid-generic) on its USB interface (usbhid)
+    h=$(readlink -f "$e/device/device")
+    hd=$(readlink "$h/driver"); ud=$(readlink "$h/../driver")
+    hd=${hd##*/} ud=${ud##*/}
+    [ "$ud/$hd" = usbhid/hid-generic ] && res tablet_bind PASS "$tab '$(cat "$e/device/name")' $ud + $hd $(( $(ms) - t0 ))ms" \
+      || res tablet_bind FAIL "$tab: drivers '$ud' + '$hd'"
+    # What dom0 injects once it reads HID-READY: x 16384, y 8192 with the
+    # left button down, then the button up (a command of its own). The
+    # tablet's axes are QMP's 0..32767, so evdev reports those values.
+    cat "$tab" > /tmp/tab & p=$!
+    usleep 200000
+    echo "HID-READY $(ms)"
+    t0=$(ms)
+    hid_wait '[ "$(evs /tmp/tab 1 | wc -w)" -ge 2 ]' 20
+    usleep 200000
+    kill $p 2>/dev/null
+    got=$(evs /tmp/tab 3)
+    [ "$got" = "0:16384 1:8192 " ] && res tablet_abs PASS "${got% } $(( $(ms) - t0 ))ms" \
+      || res tablet_abs FAIL "got '$got' want '0:16384 1:8192 '"
+    got=$(evs /tmp/tab 1)
+    [ "$got" = "272:1 272:0 " ] && res tablet_button PASS "${got% }" \
+      || res tablet_button FAIL "got '$got' want '272:1 272:0 '"
+  else
+    res tablet_bind FAIL "no hcd-emul tablet in /sys/class/input after 20 s (usbhid: $(ls /sys/bus/usb/drivers/usbhid 2>&1 | tr '\n' ' '))"
+  fi
+  echo "HOTPLUG-ADD $(ms)"
+  t0=$(ms)
+  if hid_wait '[ -n "$(hot_disk)" ]' 30; then
+    d=$(hot_disk) want=$(arg hot_bytes)
+    t1=$(ms)
+    size=$(blockdev --getsize64 "/dev/$d")
+    got=$(dd if="/dev/$d" bs=64k count=$((want / 65536)) iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    [ "$size" = "$want" ] && [ "$got" = "$(arg hot_sum)" ] \
+      && res hot_add_read PASS "/dev/$d after $((t1 - t0))ms, $size bytes read in $(( $(ms) - t1 ))ms, sha256 $got" \
+      || res hot_add_read FAIL "/dev/$d: $size bytes (want $want), sha256 $got (want $(arg hot_sum))"
+    echo "HOTPLUG-DEL $(ms)"
+    t0=$(ms)
+    hid_wait "[ ! -e /sys/block/$d ]" 30 && res hot_del PASS "$d gone $(( $(ms) - t0 ))ms" \
+      || res hot_del FAIL "/sys/block/$d still there 30 s after HOTPLUG-DEL"
+  else
+    res hot_add_read FAIL "no new disk 30 s after HOTPLUG-ADD"
+    dmesg | tail -10 | sed 's/^/KLOG /'
+  fi
+}
+
 checks() {
   # PCI functions on bus 0 with their class; xHCI is class 0c0330.
   pci="" xhci=""
@@ -68,12 +151,16 @@ checks() {
   res $HCN PASS "$xhci"
 
   t0=$(ms)
+  # (the HID drivers first: the tablet binds as it enumerates)
+  [ "$(arg hid)" != 1 ] || { modprobe evdev; modprobe usbhid; modprobe hid-generic; }
   modprobe $HCMOD; modprobe usb-storage; modprobe sd_mod
   if [ -e "/sys/bus/pci/devices/0000:$xhci/driver" ]; then res ${HCN}_bound PASS ""
   else res ${HCN}_bound FAIL "$HCMOD did not bind"; return; fi
   i=0; while [ ! -b /dev/sda ] && [ $i -lt 900 ]; do usleep 100000; i=$((i + 1)); done
   if [ -b /dev/sda ]; then res sda PASS "$(( $(ms) - t0 ))ms"
   else res sda FAIL "no /dev/sda after 90 s"; return; fi
+  # (before the stick's I/O: their bursts of requests stay apart from it)
+  [ "$(arg hid)" != 1 ] || hid_checks
   # "count chip" of xhci_hcd's first vector (PCI-MSIX/PCI-MSI/IO-APIC, or
   # xen-pirq under XENFEAT_hvm_pirqs), and whether it rises over the I/O.
   # (MSI/MSI-X vectors are named xhci_hcd, a legacy INTx line
