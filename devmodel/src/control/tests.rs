@@ -585,7 +585,12 @@ fn start_refuses_a_live_socket_and_replaces_a_stale_one() {
     let b = bed();
     let target = || {
         let mb = Mailbox::new(Box::new(|| {}));
-        Target::new(mb, Model::Uhci, Vec::new(), Arc::new(AtomicBool::new(false)))
+        Target::new(
+            mb,
+            Model::Uhci,
+            Vec::new(),
+            Arc::new(AtomicBool::new(false)),
+        )
     };
     let e = Control::start(&b.path, target()).expect_err("a live socket");
     assert!(e.to_string().contains("a running process serves it"), "{e}");
