@@ -7,6 +7,7 @@
 # adds to the same idle guest (QEMU with them minus QEMU without USB), same
 # QEMU, same kernel, one run. Prints a Markdown table row per controller.
 # Usage: bench-idle-hid.sh [CONTROLLERS (default "xhci ehci uhci")] [KERNEL]
+# (BENCH_KEEP=DIR: work in DIR and keep it: the logs, our stats lines)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -16,7 +17,7 @@ HCS=${1:-xhci ehci uhci}
 K=${2:-${KERNELS%% *}}
 (cd "$ROOT" && cargo build --release -q -p devmodel)
 DM=$ROOT/target/release/xen-usb-dm
-W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
+W=${BENCH_KEEP:-$(mktemp -d)}; [ -n "${BENCH_KEEP:-}" ] || trap 'rm -rf "$W"' EXIT
 bound() { # LOG: how many HID nodes the guest held open
   grep -c 'IDLE-HID bound and open' "$1" || true
 }
