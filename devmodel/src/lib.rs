@@ -497,11 +497,13 @@ pub fn run_wrapped(
     }
     let mut svc = service::Service::new(cfg.clone(), domid);
     let quit = Arc::new(AtomicBool::new(false));
-    let mut _control = None;
-    if cfg.controller.is_some() {
-        let (mailbox, mut inputs) = svc.start_configured()?;
-        _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
-    }
+    let _control = match cfg.controller {
+        Some(_) => {
+            let (mailbox, mut inputs) = svc.start_configured()?;
+            start_control(cfg, &mailbox, &mut inputs, &quit)?
+        }
+        None => None,
+    };
     info!(
         "xen-usb-dm: ready: domain {domid}{}, serving xl's USB commands on libxl's monitor",
         match &cfg.transport.pci {

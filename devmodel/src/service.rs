@@ -78,7 +78,7 @@ impl Service {
             .and_then(config::parse_pci)
             .context("transport.pci")?;
         let model = crate::model_of(&self.cfg);
-        let inputs = self.spawn(
+        self.spawn(
             CONFIGURED,
             model,
             Sbdf {
@@ -88,23 +88,18 @@ impl Service {
                 func,
             },
             true,
-        )?;
-        let mailbox = self
-            .ctrl(CONFIGURED)
-            .map(|c| c.mailbox.clone())
-            .context("the configured controller")?;
-        Ok((mailbox, inputs))
+        )
     }
 
-    /// Starts a controller on its own thread; returns its devices (those
-    /// of the configuration if `devices`).
+    /// Starts a controller on its own thread; returns its mailbox and its
+    /// devices (those of the configuration if `devices`).
     fn spawn(
         &mut self,
         id: &str,
         model: HcModel,
         sbdf: Sbdf,
         devices: bool,
-    ) -> anyhow::Result<crate::Inputs> {
+    ) -> anyhow::Result<(Mailbox, crate::Inputs)> {
         let cfg = self.cfg.clone();
         let domid = self.domid;
         let stop = self.stop.clone();
@@ -142,11 +137,11 @@ impl Service {
                     id: id.to_owned(),
                     sbdf,
                     model,
-                    mailbox,
+                    mailbox: mailbox.clone(),
                     thread: Some(thread),
                     devices: Vec::new(),
                 });
-                Ok(inputs)
+                Ok((mailbox, inputs))
             }
             Ok(Err(e)) => {
                 let _ = thread.join();

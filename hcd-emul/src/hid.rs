@@ -159,8 +159,8 @@ struct Shared {
     parked: VecDeque<Transfer>,
     /// The port is suspended.
     suspended: bool,
-    /// The host enabled remote wakeup (a copy of the chapter-9 state,
-    /// which the device thread owns).
+    /// Remote wakeup was enabled when the port was suspended (the host
+    /// cannot change it while suspended: no traffic reaches the device).
     remote_wakeup: bool,
     /// Input arrived while suspended with remote wakeup enabled: the
     /// controller shows a resume at its next look.
@@ -651,9 +651,7 @@ impl HidDevice {
             }
         }
         let ack = data_out.len();
-        let outcome = self.std.handle(&sp, &data_out);
-        self.lock().remote_wakeup = self.std.remote_wakeup_enabled();
-        match outcome {
+        match self.std.handle(&sp, &data_out) {
             StdOutcome::Data(v) => complete_in(xfer, &v),
             StdOutcome::NoData | StdOutcome::ClearHalt(_) | StdOutcome::SetHalt(_) => {
                 xfer.complete(TransferStatus::Success, ack)
@@ -713,6 +711,7 @@ impl UsbDevice for HidDevice {
     fn suspend(&mut self, suspended: bool) {
         let mut s = self.lock();
         s.suspended = suspended;
+        s.remote_wakeup = suspended && self.std.remote_wakeup_enabled();
         s.wake_request = false;
         if suspended {
             // Input that came while the guest was suspending the device

@@ -234,21 +234,18 @@ impl Control {
     pub fn start(path: &Path, target: Target) -> io::Result<Control> {
         use std::os::unix::fs::FileTypeExt;
         if let Ok(m) = std::fs::symlink_metadata(path) {
-            let stale = m.file_type().is_socket()
-                && UnixStream::connect(path)
-                    .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
-            if !stale {
+            let refused = |e: io::Error| e.kind() == io::ErrorKind::ConnectionRefused;
+            let why = if !m.file_type().is_socket() {
+                Some("not a socket")
+            } else if !UnixStream::connect(path).is_err_and(refused) {
+                Some("a running process serves it")
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!(
-                        "{}: already exists ({})",
-                        path.display(),
-                        if m.file_type().is_socket() {
-                            "a running process serves it"
-                        } else {
-                            "not a socket"
-                        }
-                    ),
+                    format!("{}: already exists ({why})", path.display()),
                 ));
             }
             guest_info!(target: "control", "{}: removing a stale socket", path.display());

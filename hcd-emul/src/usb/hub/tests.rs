@@ -8,6 +8,7 @@ use super::feature::*;
 use super::*;
 use crate::mem::GuestRam;
 use crate::usb::descriptor::{self as desc, parse_config, DeviceDescriptor};
+use crate::usb::sleeper::Sleeper;
 use crate::usb::{CompletionQueue, Segment, TransferResult};
 
 const CTRL_BUF: u64 = 0x1000;
@@ -20,10 +21,8 @@ struct Fake {
     resets: Arc<AtomicUsize>,
     wakeups: Arc<AtomicUsize>,
     present: Arc<AtomicBool>,
-    /// `suspend` calls, in order.
-    suspends: Arc<std::sync::Mutex<Vec<bool>>>,
-    /// Signals remote wakeup (taken).
-    wake: Arc<AtomicBool>,
+    /// Suspend and remote wakeup, as the controllers' tests see them.
+    sleep: Sleeper,
 }
 
 impl Fake {
@@ -33,13 +32,8 @@ impl Fake {
             resets: Arc::default(),
             wakeups: Arc::default(),
             present: Arc::new(AtomicBool::new(true)),
-            suspends: Arc::default(),
-            wake: Arc::default(),
+            sleep: Sleeper::new(speed),
         }
-    }
-
-    fn suspends(&self) -> Vec<bool> {
-        self.suspends.lock().unwrap().clone()
     }
 
     fn resets(&self) -> usize {
@@ -68,10 +62,10 @@ impl UsbDevice for Fake {
         self.wakeups.fetch_add(1, Ordering::SeqCst);
     }
     fn suspend(&mut self, suspended: bool) {
-        self.suspends.lock().unwrap().push(suspended);
+        self.sleep.suspend(suspended)
     }
     fn remote_wakeup(&mut self) -> bool {
-        self.wake.swap(false, Ordering::SeqCst)
+        self.sleep.remote_wakeup()
     }
 }
 
@@ -408,22 +402,22 @@ fn downstream_remote_wakeup_resumes_the_port_and_wakes_a_suspended_hub() {
     h.clear_change(2, C_PORT_RESET);
 
     // Not suspended: a request is not a resume.
-    dev.wake.store(true, Ordering::SeqCst);
+    dev.sleep.signal_wakeup();
     h.hub.poll_connections();
     assert_eq!(h.port_status(2).1, 0);
-    dev.wake.store(false, Ordering::SeqCst);
+    dev.sleep.state.lock().unwrap().wake = false;
 
     h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
     h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
-    assert_eq!(dev.suspends(), vec![true], "told once");
+    assert_eq!(dev.sleep.suspends(), vec![true], "told once");
     let id = h.poll_status(1);
     assert!(h.q.is_empty());
-    dev.wake.store(true, Ordering::SeqCst);
+    dev.sleep.signal_wakeup();
     h.hub.poll_connections();
     assert_eq!(h.status_bitmap(id), (TransferStatus::Success, vec![0b100]));
     let (st, ch) = h.port_status(2);
     assert_eq!((st & port_status::SUSPEND, ch), (0, port_change::C_SUSPEND));
-    assert_eq!(dev.suspends(), vec![true, false]);
+    assert_eq!(dev.sleep.suspends(), vec![true, false]);
     assert!(!h.hub.remote_wakeup(), "the hub itself is not suspended");
     h.clear_change(2, C_PORT_SUSPEND);
 
@@ -431,7 +425,7 @@ fn downstream_remote_wakeup_resumes_the_port_and_wakes_a_suspended_hub() {
     // but the hub stays quiet.
     h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
     h.hub.suspend(true);
-    dev.wake.store(true, Ordering::SeqCst);
+    dev.sleep.signal_wakeup();
     h.hub.poll_connections();
     assert!(!h.hub.remote_wakeup());
     h.hub.suspend(false);
@@ -449,7 +443,7 @@ fn downstream_remote_wakeup_resumes_the_port_and_wakes_a_suspended_hub() {
     h.ok_out(0x23, request::SET_FEATURE, PORT_SUSPEND, 2);
     h.hub.suspend(true);
     assert!(!h.hub.remote_wakeup(), "nothing yet");
-    dev.wake.store(true, Ordering::SeqCst);
+    dev.sleep.signal_wakeup();
     h.hub.poll_connections();
     assert!(h.hub.remote_wakeup());
     assert!(!h.hub.remote_wakeup(), "taken");
