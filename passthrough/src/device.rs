@@ -117,7 +117,7 @@ pub struct PassthroughStats {
     pub bytes: u64,
     /// Times a matching device was opened.
     pub attaches: u64,
-    /// Times the device went away.
+    /// Times an open device went away (at most `attaches`).
     pub disconnects: u64,
     /// Host device resets.
     pub resets: u64,
@@ -1025,14 +1025,17 @@ impl Inner {
 
     /// The device went away: every transfer fails, the node is closed.
     fn gone(&mut self) {
+        // Counted once per open node: a device is open exactly when it was
+        // opened more often than it went away (the control socket's events
+        // rely on that).
         if let Some(open) = self.open.take() {
             guest_info!(target: "passthrough", "{}: device gone", open.info.port);
+            self.stats.disconnects += 1;
         }
         // The node is closed (or no longer reaped): URB memory is ours.
         self.urbs.clear();
         self.in_flight = 0;
         self.streams.clear();
-        self.stats.disconnects += 1;
         let eps = std::mem::take(&mut self.eps);
         for (_, q) in eps {
             for mut p in q {

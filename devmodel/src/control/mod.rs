@@ -73,8 +73,8 @@ pub struct Target {
 #[derive(Debug, Default)]
 struct Seen {
     resets: Option<u64>,
-    /// Per host device: id, times it went away, connected.
-    hosts: Vec<(String, u64, bool)>,
+    /// Per host device: id, times it was opened, times it went away.
+    hosts: Vec<(String, u64, u64)>,
 }
 
 impl Target {
@@ -116,35 +116,30 @@ impl Target {
             }
             seen.resets = Some(n);
         }
-        let now: Vec<(String, u64, bool, hcd_emul::controller::PortPath)> = self
+        // Both counters come from one snapshot taken under the device's
+        // lock, where they change: the device is open exactly when it was
+        // opened more often than it went away. (Reading `connected()` beside
+        // a counter raced with the device going: a look between the two
+        // updates saw it gone and still there.)
+        let now: Vec<(String, u64, u64, hcd_emul::controller::PortPath)> = self
             .plugged()
             .iter()
             .filter_map(|p| {
-                let m = p.host.as_ref()?;
-                // Read the count first: a disconnect between the two reads
-                // then shows as "gone" now and is counted next time.
-                let gone = m.stats().disconnects;
-                Some((p.id.clone(), gone, m.connected(), p.port))
+                let s = p.host.as_ref()?.stats();
+                Some((p.id.clone(), s.attaches, s.disconnects, p.port))
             })
             .collect();
-        for (id, gone, up, port) in &now {
-            let Some((_, gone_before, up_before)) = seen.hosts.iter().find(|(i, ..)| i == id)
+        for (id, opened, gone, port) in &now {
+            let Some((_, opened_before, gone_before)) = seen.hosts.iter().find(|(i, ..)| i == id)
             else {
                 continue;
             };
-            // A device that left and came back between two looks still
-            // shows both events (its disconnect count moved).
-            let left = gone > gone_before || (*up_before && !up);
-            let came = *up && (left || !up_before);
             let data = located(id, *port);
-            if left {
-                self.events.emit("USB_HOST_DISCONNECTED", data.clone());
-            }
-            if came {
-                self.events.emit("USB_HOST_CONNECTED", data);
+            for event in host_events((*opened_before, *gone_before), (*opened, *gone)) {
+                self.events.emit(event, data.clone());
             }
         }
-        seen.hosts = now.into_iter().map(|(i, g, u, _)| (i, g, u)).collect();
+        seen.hosts = now.into_iter().map(|(i, o, g, _)| (i, o, g)).collect();
     }
 
     fn plugged(&self) -> std::sync::MutexGuard<'_, Vec<Plugged>> {
@@ -168,6 +163,31 @@ impl Target {
             .filter_map(|p| p.input.clone())
             .collect()
     }
+}
+
+/// The events a host device's (times opened, times gone) counters give
+/// between two looks. When both moved, the order follows from how it was at
+/// the first look: a device that was there left first. Cycles between two
+/// looks collapse to one pair.
+fn host_events(before: (u64, u64), now: (u64, u64)) -> Vec<&'static str> {
+    let came = now.0 > before.0;
+    let left = now.1 > before.1;
+    let order = if before.0 > before.1 {
+        [
+            ("USB_HOST_DISCONNECTED", left),
+            ("USB_HOST_CONNECTED", came),
+        ]
+    } else {
+        [
+            ("USB_HOST_CONNECTED", came),
+            ("USB_HOST_DISCONNECTED", left),
+        ]
+    };
+    order
+        .into_iter()
+        .filter(|(_, m)| *m)
+        .map(|(e, _)| e)
+        .collect()
 }
 
 /// The asynchronous events for the connected clients: each has a bounded

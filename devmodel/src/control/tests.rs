@@ -608,3 +608,29 @@ fn start_refuses_a_live_socket_and_replaces_a_stale_one() {
     drop(c);
     assert!(!stale.exists(), "removed when the server stops");
 }
+
+#[test]
+fn host_events_follow_the_counters_in_the_order_things_happened() {
+    const GONE: &str = "USB_HOST_DISCONNECTED";
+    const BACK: &str = "USB_HOST_CONNECTED";
+    // Nothing moved, open or not.
+    assert!(host_events((1, 0), (1, 0)).is_empty());
+    assert!(host_events((1, 1), (1, 1)).is_empty());
+    // Unplugged, plugged back, each seen by its own look.
+    assert_eq!(host_events((1, 0), (1, 1)), [GONE]);
+    assert_eq!(host_events((1, 1), (2, 1)), [BACK]);
+    // Out and back in between two looks: both, leaving first.
+    assert_eq!(host_events((1, 0), (2, 1)), [GONE, BACK]);
+    // Absent at start, came and went between two looks: arriving first.
+    assert_eq!(host_events((0, 0), (1, 1)), [BACK, GONE]);
+    // Several cycles between two looks collapse to one pair.
+    assert_eq!(host_events((1, 0), (4, 3)), [GONE, BACK]);
+    // A look while the device is going (CI once saw "gone" and "still
+    // there" at one look, then "gone" again): the counters move once.
+    let looks = [(1, 0), (1, 1), (1, 1), (2, 1)];
+    let events: Vec<_> = looks
+        .windows(2)
+        .flat_map(|w| host_events(w[0], w[1]))
+        .collect();
+    assert_eq!(events, [GONE, BACK]);
+}
