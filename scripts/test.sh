@@ -4,6 +4,18 @@
 # the passthrough VM tests and the real-Xen test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CI shows the end of the output: a failed run ends with what failed
+# (every failed check, wherever it scrolled by), the whole output kept.
+LOG=$(mktemp "${TMPDIR:-/tmp}/xen-usb-dm-test.XXXXXX")
+exec > >(tee "$LOG") 2>&1
+what_failed() {
+  local rc=$?
+  [ "$rc" = 0 ] && return
+  sleep 1
+  echo "== what failed (exit $rc; the whole output: $LOG)"
+  grep -aE 'RESULT .* FAIL|: FAIL|FAILED|^error|panicked at|INFO (first run|retried)' "$LOG" | tail -60 || true
+}
+trap what_failed EXIT
 bash scripts/setup.sh
 # The Xen ABI test against libxen-dev's headers must run here, never be
 # skipped (devmodel/build.rs: a plain `cargo test` only warns).

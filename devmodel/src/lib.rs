@@ -296,6 +296,7 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
         .socket
         .as_deref()
         .context("transport.socket missing")?;
+    let listening = bind_control(cfg)?;
     let mut build_err = None;
     let mut inputs = Inputs::default();
     let mut server = vfio_user::Server::new(sock, |ram, waker| {
@@ -317,7 +318,7 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
     );
     let quit = Arc::new(AtomicBool::new(false));
     let mailbox = mailbox::Mailbox::new(server.waker()?);
-    let _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
+    let _control = start_control(listening, cfg, &mailbox, &mut inputs, &quit)?;
     server.run_with(
         |_| stop() || quit.load(Ordering::Relaxed),
         |pci| mailbox.run(pci),
@@ -326,27 +327,41 @@ fn run_vfio_user(cfg: &Config, stop: impl Fn() -> bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The control socket, if the configuration has one.
+/// The control socket's listener, if the configuration has one. The
+/// vfio-user transport binds it before its own socket appears: a client
+/// that waits for that one finds the control socket there too.
+fn bind_control(cfg: &Config) -> anyhow::Result<Option<control::Listening>> {
+    cfg.control
+        .as_ref()
+        .map(|c| {
+            control::Control::bind(&c.socket)
+                .with_context(|| format!("control.socket: {}", c.socket.display()))
+        })
+        .transpose()
+}
+
+/// Serves the control socket bound by [`bind_control`], if any.
 fn start_control(
+    listening: Option<control::Listening>,
     cfg: &Config,
     mailbox: &mailbox::Mailbox,
     inputs: &mut Inputs,
     quit: &Arc<AtomicBool>,
 ) -> anyhow::Result<Option<control::Control>> {
-    let Some(c) = &cfg.control else {
+    let (Some(listening), Some(c)) = (listening, &cfg.control) else {
         return Ok(None);
     };
-    let ctl = control::Control::start(
-        &c.socket,
-        control::Target::new(
-            mailbox.clone(),
-            model_of(cfg),
-            inputs.devices.clone(),
-            quit.clone(),
+    let ctl = listening
+        .serve(
+            control::Target::new(
+                mailbox.clone(),
+                model_of(cfg),
+                inputs.devices.clone(),
+                quit.clone(),
+            )
+            .with_resets(inputs.resets.clone()),
         )
-        .with_resets(inputs.resets.clone()),
-    )
-    .with_context(|| format!("control.socket: {}", c.socket.display()))?;
+        .with_context(|| format!("control.socket: {}", c.socket.display()))?;
     info!("xen-usb-dm: control socket on {}", c.socket.display());
     Ok(Some(ctl))
 }
@@ -413,7 +428,7 @@ pub fn run_xen(
     let mut server = xen_server(cfg, model_of(cfg), true, domid, sbdf, &mut inputs)?;
     let quit = Arc::new(AtomicBool::new(false));
     let mailbox = mailbox::Mailbox::new(server.waker()?);
-    let _control = start_control(cfg, &mailbox, &mut inputs, &quit)?;
+    let _control = start_control(bind_control(cfg)?, cfg, &mailbox, &mut inputs, &quit)?;
     deprivilege(t)?;
     info!(
         "xen-usb-dm: ready: serving {:?} to domain {domid} at {}",
@@ -500,7 +515,7 @@ pub fn run_wrapped(
     let _control = match cfg.controller {
         Some(_) => {
             let (mailbox, mut inputs) = svc.start_configured()?;
-            start_control(cfg, &mailbox, &mut inputs, &quit)?
+            start_control(bind_control(cfg)?, cfg, &mailbox, &mut inputs, &quit)?
         }
         None => None,
     };

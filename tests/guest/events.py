@@ -5,11 +5,21 @@ until the socket closes or it is killed."""
 import json
 import socket
 import sys
+import time
 
 
 def main():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sys.argv[1])
+    # (up to 10 s for the socket: a client started beside xen-usb-dm)
+    for attempt in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(sys.argv[1])
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            if attempt == 199:
+                raise
+            time.sleep(0.05)
     f = s.makefile("rw")
     json.loads(f.readline())  # greeting
     f.write(json.dumps({"execute": "qmp_capabilities"}) + "\n")

@@ -35,9 +35,20 @@ if [ -z "$kb" ] || [ -z "$tab" ]; then
   exit 0
 fi
 res hid_bound PASS "keyboard $kb, tablet $tab after $(( $(now_ms) - t0 )) ms"
+# held_open PID NODE: PID has NODE open (up to 10 s): no event may come
+# before the readers are there (the console's keyboard handler keeps the
+# keyboard open and polled: its early events would not reach them).
+held_open() {
+  j=0
+  while [ $j -lt 200 ]; do
+    for f in /proc/$1/fd/*; do [ "$(readlink "$f")" = "$2" ] && return 0; done
+    usleep 50000; j=$((j + 1))
+  done
+  echo "INFO $2 not open by $1 after 10 s"
+}
 cat "$kb" > /tmp/kb & p1=$!
 cat "$tab" > /tmp/tab & p2=$!
-usleep 200000
+held_open $p1 "$kb"; held_open $p2 "$tab"
 echo "HID-READY"
 # struct input_event on x86-64: 16 bytes of time, u16 type, u16 code, s32 value.
 events() { od -An -v -tu2 -w24 "$1" | awk -v t="$2" '$9 == t {printf "%s:%s ", $10, $11 + 65536 * $12}'; }
@@ -77,6 +88,7 @@ usbdev() { # the USB device directory of evdev node $1
 kd=$(usbdev "$kb") td=$(usbdev "$tab")
 cat "$kb" > /tmp/kb2 & p1=$!
 cat "$tab" > /tmp/tab2 & p2=$!
+held_open $p1 "$kb"; held_open $p2 "$tab"
 for u in $kd $td; do echo 500 > "$u/power/autosuspend_delay_ms"; echo auto > "$u/power/control"; done
 st() { cat "$1/power/runtime_status" 2>/dev/null; }
 both() { [ "$(st $kd)" = suspended ] && [ "$(st $td)" = suspended ]; }

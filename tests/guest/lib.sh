@@ -45,7 +45,12 @@ CFG
   fi
   "$dm" --config "$dir/xen-dm.toml" > "$log" 2>&1 &
   DM_PID=$!
-  for _ in $(seq 100); do [ -S "$dir/dm.sock" ] && return 0; sleep 0.05; done
+  # Ready: the vfio-user socket and then (bound after it) the control
+  # socket, if there is one.
+  for _ in $(seq 100); do
+    [ -S "$dir/dm.sock" ] && { [ -z "${CONTROL:-}" ] || [ -S "$CONTROL" ]; } && return 0
+    sleep 0.05
+  done
   echo "xen-usb-dm did not start:" >&2; cat "$log" >&2; return 1
 }
 

@@ -8,7 +8,9 @@
 # the same checks through our EHCI (ehci_hcd) with a high-speed stick (BOT,
 # then UAS without streams) and with a full-speed stick behind its hub; through our UHCI (uhci_hcd) with
 # a full-speed stick; then a read-only stick.
-# Guest boots run one at a time.
+# Guest boots run one at a time. MATRIX_KERNELS and MATRIX_CELLS (regular
+# expressions on the kernel and the cell's label: read-write, uas, ehci,
+# ..., hid-xhci, read-only) run a part of it.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -137,24 +139,10 @@ hid_run() {
   rm -f "$W/hot.img"
 }
 
-for K in $KERNELS; do
-  W=$(mktemp -d)
-  # (this one with a capture of the stick: usbmon pcap, checked with tshark)
-  CAPTURE=$W/usb.pcap rw_run "$K" "$W" read-write
-  UAS=true rw_run "$K" "$W" uas stick_proto=uas
-  # The EHCI: a high-speed stick on a root port, and (one kernel each) a
-  # full-speed stick behind the built-in hub (split transactions).
-  HC=ehci rw_run "$K" "$W" ehci hc=ehci
-  # The same stick offering UAS at high speed: the guest's uas driver
-  # without streams (Read/Write Ready IUs).
-  HC=ehci UAS=true rw_run "$K" "$W" ehci-uas hc=ehci stick_proto=uas
-  HC=ehci SPEED=full rw_run "$K" "$W" ehci-full hc=ehci
-  # The UHCI (uhci_hcd, INTx): a full-speed stick, 16 MiB O_DIRECT.
-  HC=uhci rw_run "$K" "$W" uhci hc=uhci check_mib=16
-  # Our keyboard with keys from the control socket, on each controller.
-  for hc in xhci ehci uhci; do hid_run "$K" "$W" $hc; done
-
-  # Read-only stick with known contents.
+# ro_run K W: a read-only stick with known contents: the guest's writes
+# fail and the image is unchanged.
+ro_run() {
+  local K=$1 W=$2 st before t
   dd if=/dev/urandom of="$W/stick.img" bs=1M count=4 conv=notrunc 2>/dev/null
   before=$(sha256sum < "$W/stick.img")
   start_dm "$DM" "$W" true "$W/dm.log"
@@ -171,8 +159,61 @@ for K in $KERNELS; do
   count "$W/guest-ro.log"
   echo "matrix: $K read-only: $st ($(( $(date +%s) - t )) s)"
   [ $st = PASS ] || { tail -40 "$W/guest-ro.log"; tail -20 "$W/dm.log"; }
+}
+
+# cell FN ARGS...: one cell of the matrix (rw_run, hid_run or ro_run), its
+# output shown when it ends. A cell with a failed check runs once more and
+# the second run's results stand, as tests/xen does with a retried guest:
+# a fault of ours fails both runs and the matrix; a one-off (the TCG guest
+# starved on a loaded 2-core machine) stays visible, as INFO lines here and
+# in the summary at the end, and does not fail it. A failed data check
+# (a checksum, fsck, the image or the capture against what the guest did)
+# is never run again: it fails the matrix as it stands.
+retried=()
+DATA_CHECKS='RESULT (odirect_bs[0-9]*|mkfs|mount|ext4_copy|remount|fsck|ext4_tree|rebind|host_image|size|hot_read|hot_write|hot_readd|hot_host_image|ro_refuses|ro_unchanged|host_unchanged|capture_[a-z_]*) FAIL'
+
+cell() {
+  local p0=$passed f0=$failed fail0=$fail out label
+  case $1 in hid_run) label=hid-$4 ;; ro_run) label=read-only ;; *) label=$4 ;; esac
+  [[ $2 =~ ${MATRIX_KERNELS:-.} && $label =~ ${MATRIX_CELLS:-.} ]] || return 0
+  out=$(mktemp)
+  "$@" > "$out" 2>&1; cat "$out"
+  if { [ "$failed" != "$f0" ] || [ "$fail" != "$fail0" ]; } && ! grep -qE "$DATA_CHECKS" "$out"; then
+    local what
+    what=$(grep -E 'RESULT .* FAIL|: FAIL \(' "$out" | sed 's/^ *//' | head -8)
+    echo "matrix: $2 $label failed; running the cell once more:"
+    echo "$what" | sed 's/^/  INFO first run: /'
+    retried+=("$what")
+    passed=$p0 failed=$f0 fail=$fail0
+    "$@"
+  fi
+  rm -f "$out"
+}
+
+for K in $KERNELS; do
+  W=$(mktemp -d)
+  # (this one with a capture of the stick: usbmon pcap, checked with tshark)
+  CAPTURE=$W/usb.pcap cell rw_run "$K" "$W" read-write
+  UAS=true cell rw_run "$K" "$W" uas stick_proto=uas
+  # The EHCI: a high-speed stick on a root port, and (one kernel each) a
+  # full-speed stick behind the built-in hub (split transactions).
+  HC=ehci cell rw_run "$K" "$W" ehci hc=ehci
+  # The same stick offering UAS at high speed: the guest's uas driver
+  # without streams (Read/Write Ready IUs).
+  HC=ehci UAS=true cell rw_run "$K" "$W" ehci-uas hc=ehci stick_proto=uas
+  HC=ehci SPEED=full cell rw_run "$K" "$W" ehci-full hc=ehci
+  # The UHCI (uhci_hcd, INTx): a full-speed stick, 16 MiB O_DIRECT.
+  HC=uhci cell rw_run "$K" "$W" uhci hc=uhci check_mib=16
+  # Our keyboard with keys from the control socket, on each controller.
+  for hc in xhci ehci uhci; do cell hid_run "$K" "$W" $hc; done
+
+  cell ro_run "$K" "$W"
   rm -rf "$W"
 done
+if [ ${#retried[@]} -gt 0 ]; then
+  echo "matrix: ${#retried[@]} cell(s) passed only when run again; their first runs' failures:"
+  printf '%s\n' "${retried[@]}" | sed 's/^/  INFO /'
+fi
 [ $fail = 0 ] && echo "matrix: all passed" || echo "matrix: FAILED"
 echo "matrix: $passed passed, $failed failed"
 exit $fail

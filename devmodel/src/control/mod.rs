@@ -247,11 +247,19 @@ pub struct Control {
 }
 
 impl Control {
-    /// Binds `path` (owner-only permissions) and serves `target` on it.
-    /// A socket left there by a process that is gone (one that ran
-    /// chrooted cannot remove it on exit) is replaced; one a running
-    /// process still answers on, or a file that is not a socket, is not.
+    /// Binds `path` and serves `target` on it: [`Control::bind`] then
+    /// [`Listening::serve`].
     pub fn start(path: &Path, target: Target) -> io::Result<Control> {
+        Self::bind(path)?.serve(target)
+    }
+
+    /// Binds `path` with owner-only permissions (0600 from the moment the
+    /// socket has that name: see [`bind_owner_only`]); clients that
+    /// connect wait until [`Listening::serve`]. A socket left there by a
+    /// process that is gone (one that ran chrooted cannot remove it on
+    /// exit) is replaced; one a running process still answers on, or a
+    /// file that is not a socket, is not.
+    pub fn bind(path: &Path) -> io::Result<Listening> {
         use std::os::unix::fs::FileTypeExt;
         if let Ok(m) = std::fs::symlink_metadata(path) {
             let refused = |e: io::Error| e.kind() == io::ErrorKind::ConnectionRefused;
@@ -271,20 +279,84 @@ impl Control {
             guest_info!(target: "control", "{}: removing a stale socket", path.display());
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_owner_only(path)?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || accept_loop(&listener, &Arc::new(target), &st))?;
-        Ok(Control {
+        Ok(Listening {
             path: path.to_owned(),
-            stop,
-            thread: Some(thread),
+            listener: Some(listener),
         })
     }
+}
+
+/// A bound control socket not serving yet (bound before the transport's
+/// own socket appears, so a client that sees that one finds this one
+/// too). Dropped unserved, it removes the socket file.
+#[derive(Debug)]
+pub struct Listening {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl Listening {
+    /// Serves `target`: one thread accepts, each client gets its own.
+    pub fn serve(mut self, target: Target) -> io::Result<Control> {
+        let (Some(listener), path) = (self.listener.take(), std::mem::take(&mut self.path)) else {
+            return Err(io::Error::other("control socket served twice"));
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        match std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(&listener, &Arc::new(target), &st))
+        {
+            Ok(thread) => Ok(Control {
+                path,
+                stop,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds a listening socket at `path` that no other user can connect to
+/// at any moment: bound in a fresh directory only we may enter (0700),
+/// made 0600 there, then linked to `path` (failing if something took
+/// that name meanwhile, never replacing it). Binding at `path` and then
+/// changing its mode would leave a window with the umask's permissions.
+fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let private = dir.join(format!(
+        ".xen-usb-dm.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inner = private.join("s");
+    let bound = UnixListener::bind(&inner).and_then(|l| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::hard_link(&inner, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 impl Drop for Control {

@@ -609,6 +609,46 @@ fn start_refuses_a_live_socket_and_replaces_a_stale_one() {
     assert!(!stale.exists(), "removed when the server stops");
 }
 
+/// The socket is owner-only (0600) under its name from the start and
+/// nothing of its making is left beside it; a client that connects while
+/// it is bound but not serving yet (the transport's socket not there yet)
+/// is greeted once it serves; dropped unserved, the file goes.
+#[test]
+fn bind_is_owner_only_and_early_clients_are_served() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    let listening = Control::bind(&path).unwrap();
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["c.sock"], "only the socket in its directory");
+    let early = UnixStream::connect(&path).expect("connects before serve");
+    early
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let target = Target::new(
+        Mailbox::new(Box::new(|| {})),
+        Model::Uhci,
+        Vec::new(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let control = listening.serve(target).unwrap();
+    let mut greeting = String::new();
+    BufReader::new(&early).read_line(&mut greeting).unwrap();
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    drop(early);
+    drop(control);
+    assert!(!path.exists(), "removed when the server stops");
+    drop(Control::bind(&path).unwrap());
+    assert!(!path.exists(), "removed when dropped unserved");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 #[test]
 fn host_events_follow_the_counters_in_the_order_things_happened() {
     const GONE: &str = "USB_HOST_DISCONNECTED";
