@@ -254,7 +254,7 @@ impl Control {
     }
 
     /// Binds `path` with owner-only permissions (0600 from the moment the
-    /// socket has that name: see [`bind_owner_only`]); clients that
+    /// socket has that name: see `bind_owner_only`); clients that
     /// connect wait until [`Listening::serve`]. A socket left there by a
     /// process that is gone (one that ran chrooted cannot remove it on
     /// exit) is replaced; one a running process still answers on, or a
