@@ -37,6 +37,9 @@
 //!   [`TransferStatus::DeviceGone`], closes the node, and turns
 //!   [`UsbDevice::connected`] false; the worker then rescans and re-opens a
 //!   device the rule matches, and the controller shows a new connection.
+//!   A device that has just appeared is opened once the host kernel has
+//!   set its configuration and added its interfaces (at most [`SETTLE`]
+//!   later), so that its interfaces are claimed before a host driver binds.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -67,6 +70,12 @@ pub const MAX_URB_LEN: usize = 1 << 20;
 pub const BYTES_IN_FLIGHT: usize = 8 << 20;
 /// How often sysfs is rescanned while no device matches.
 const RESCAN: Duration = Duration::from_millis(200);
+/// How long a device that has just appeared may stay unconfigured (or
+/// configured without its interfaces in sysfs) before it is opened anyway:
+/// the host kernel chooses a configuration and adds the interfaces a few
+/// milliseconds after the device node appears, and a device opened in that
+/// window had nothing to claim, so the host's own drivers took it.
+const SETTLE: Duration = Duration::from_secs(2);
 /// How long cancel/reset wait for discarded URBs to come back.
 const DISCARD_WAIT: Duration = Duration::from_secs(1);
 /// URBs reaped per wake-up before others get the lock.
@@ -305,6 +314,9 @@ struct Inner {
     /// The last device refused (wrong speed for the port): not retried
     /// until something else shows up.
     refused: Option<(u32, u32)>,
+    /// A device found before the host kernel finished configuring it, and
+    /// when it was first seen so (see [`SETTLE`]).
+    settling: Option<((u32, u32), Instant)>,
 }
 
 struct Shared {
@@ -403,6 +415,7 @@ impl HostDevice {
                 used: false,
                 stats: PassthroughStats::default(),
                 refused: None,
+                settling: None,
                 zero_copy_off: false,
             }),
             connected: AtomicBool::new(false),
@@ -593,6 +606,36 @@ impl Shared {
                 .ok()
                 .and_then(|s| s.trim().parse::<u8>().ok())
                 .unwrap_or(0);
+        // Opened before the kernel set a configuration and added its
+        // interfaces, there is nothing to claim, and the host's drivers
+        // bind a moment later: wait for the kernel, for a while.
+        let settled = config != 0
+            && descs.interfaces(config).iter().all(|i| {
+                self.opts
+                    .sysfs
+                    .join(format!("{}:{config}.{i}", info.port))
+                    .exists()
+            });
+        if !settled {
+            let mut g = lock(&self.inner);
+            let key = (info.bus, info.addr);
+            let since = match g.settling {
+                Some((k, t)) if k == key => t,
+                _ => {
+                    let now = Instant::now();
+                    g.settling = Some((key, now));
+                    now
+                }
+            };
+            if since.elapsed() < SETTLE {
+                return;
+            }
+            debug!(
+                target: "passthrough",
+                "{}: still unconfigured after {SETTLE:?}, opened as it is",
+                info.port
+            );
+        }
         let claimed = claim_interfaces(&fd, &descs, config, &info.port);
         info!(
             target: "passthrough",
@@ -610,6 +653,7 @@ impl Shared {
         {
             let mut g = lock(&self.inner);
             g.refused = None;
+            g.settling = None;
             g.used = false;
             g.stats.attaches += 1;
             g.open = Some(Open {
@@ -1597,6 +1641,7 @@ mod tests {
             used: true,
             stats: PassthroughStats::default(),
             refused: None,
+            settling: None,
             zero_copy_off: false,
         }
     }
@@ -1769,6 +1814,69 @@ mod tests {
         assert!(!d.connected());
         assert_eq!(d.speed(), Speed::Super, "port kind from the device found");
         assert_eq!(d.monitor().stats().attaches, 0);
+    }
+
+    /// A fake device 3-1 (bus 3, address 4) whose usbfs node is a plain
+    /// file holding a device and a one-interface configuration descriptor.
+    fn fake_unconfigured(t: &std::path::Path) -> HostOptions {
+        crate::rule::tests::fake_device(t, "3-1", 3, 4, (0x1234, 0x5678), None);
+        let node = t.join("dev/bus/usb/003");
+        std::fs::create_dir_all(&node).unwrap();
+        let mut d = vec![
+            18, 1, 0, 2, 0, 0, 0, 64, 0x34, 0x12, 0x78, 0x56, 0, 1, 0, 0, 0, 1,
+        ];
+        d.extend_from_slice(&[9, 2, 18, 0, 1, 1, 0, 0x80, 50]);
+        d.extend_from_slice(&[9, 4, 0, 0, 0, 8, 6, 0x50, 0]);
+        std::fs::write(node.join("004"), d).unwrap();
+        HostOptions {
+            speed: None,
+            sysfs: t.to_path_buf(),
+            devfs: t.join("dev"),
+        }
+    }
+
+    fn wait_connected(d: &HostDevice, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if d.connected() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// CI saw a replugged stick opened before the host kernel configured
+    /// it: nothing was claimed and usb-storage bound on the host.
+    #[test]
+    fn device_is_opened_once_the_kernel_configured_it() {
+        let t = tempfile::tempdir().unwrap();
+        let opts = fake_unconfigured(t.path());
+        let d = HostDevice::new(MatchRule::Port("3-1".into()), opts).unwrap();
+        assert!(!d.connected(), "opened while unconfigured");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!d.connected(), "opened while unconfigured");
+        // Configured, but the interface is not in sysfs yet: still waiting.
+        std::fs::write(t.path().join("3-1/bConfigurationValue"), "1\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!d.connected(), "opened before its interfaces appeared");
+        std::fs::create_dir_all(t.path().join("3-1:1.0")).unwrap();
+        let after = wait_connected(&d, Duration::from_millis(800));
+        assert!(after.is_some(), "not opened once configured");
+        assert_eq!(d.monitor().stats().attaches, 1);
+    }
+
+    /// A device the kernel never configures is still passed through.
+    #[test]
+    fn device_left_unconfigured_is_opened_after_settling() {
+        let t = tempfile::tempdir().unwrap();
+        let opts = fake_unconfigured(t.path());
+        let start = Instant::now();
+        let d = HostDevice::new(MatchRule::Port("3-1".into()), opts).unwrap();
+        let after = wait_connected(&d, SETTLE * 3);
+        assert!(after.is_some(), "never opened");
+        assert!(start.elapsed() >= SETTLE, "opened before {SETTLE:?}");
+        assert_eq!(d.monitor().stats().attaches, 1);
     }
 
     #[test]
