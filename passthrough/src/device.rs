@@ -43,7 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -485,6 +485,16 @@ fn claim_interfaces(fd: &Usbfs, descs: &HostDescriptors, config: u8, port: &str)
     claimed
 }
 
+/// Whether the host kernel has set configuration `config` on the device
+/// at sysfs `port` and added every interface of it.
+fn kernel_configured(sysfs: &Path, port: &str, descs: &HostDescriptors, config: u8) -> bool {
+    config != 0
+        && descs
+            .interfaces(config)
+            .iter()
+            .all(|i| sysfs.join(format!("{port}:{config}.{i}")).exists())
+}
+
 /// Releases our interfaces; with `reattach`, asks the kernel to bind its
 /// drivers to every interface again.
 fn release_interfaces(open: &Open, reattach: bool) {
@@ -609,25 +619,8 @@ impl Shared {
         // Opened before the kernel set a configuration and added its
         // interfaces, there is nothing to claim, and the host's drivers
         // bind a moment later: wait for the kernel, for a while.
-        let settled = config != 0
-            && descs.interfaces(config).iter().all(|i| {
-                self.opts
-                    .sysfs
-                    .join(format!("{}:{config}.{i}", info.port))
-                    .exists()
-            });
-        if !settled {
-            let mut g = lock(&self.inner);
-            let key = (info.bus, info.addr);
-            let since = match g.settling {
-                Some((k, t)) if k == key => t,
-                _ => {
-                    let now = Instant::now();
-                    g.settling = Some((key, now));
-                    now
-                }
-            };
-            if since.elapsed() < SETTLE {
+        if !kernel_configured(&self.opts.sysfs, &info.port, &descs, config) {
+            if lock(&self.inner).settling((info.bus, info.addr)) {
                 return;
             }
             debug!(
@@ -673,6 +666,15 @@ impl Shared {
 }
 
 impl Inner {
+    /// Whether the device at `key`, not configured yet, is still within
+    /// [`SETTLE`] of when it was first seen so.
+    fn settling(&mut self, key: (u32, u32)) -> bool {
+        if self.settling.map(|(k, _)| k) != Some(key) {
+            self.settling = Some((key, Instant::now()));
+        }
+        self.settling.is_some_and(|(_, t)| t.elapsed() < SETTLE)
+    }
+
     fn token(&mut self) -> u64 {
         let t = self.next_token;
         self.next_token = self.next_token.wrapping_add(1).max(1);
